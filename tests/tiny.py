@@ -1,0 +1,96 @@
+"""Tiny random Stable Diffusion folders, built offline inside the tests.
+
+diffusers' own tests download "hf-internal-testing/tiny-*" repos; we cannot, so the tokenizer is
+written from a character-level vocab and every model is randomly initialised from a seed.
+"""
+from __future__ import annotations
+
+import json
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_TEXT_DIM = 32
+
+
+def write_tiny_clip_tokenizer(out: Path, model_max_length: int = 77) -> Path:
+    """A character-level CLIP BPE tokenizer: every printable character is a token, no merges."""
+    from transformers import CLIPTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    chars = [c for c in string.printable if not c.isspace()]
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=model_max_length)
+    tok.save_pretrained(out)
+    return out
+
+
+def tiny_clip_text_model(vocab_size: int, seed: int = 0, hidden_size: int = TINY_TEXT_DIM):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden_size, intermediate_size=37,
+        layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=3, vocab_size=vocab_size,
+        max_position_embeddings=77,
+    )
+    return CLIPTextModel(cfg).eval()
+
+
+def tiny_unet(variant: str = "sd1", seed: int = 0, cross_attention_dim: int = TINY_TEXT_DIM):
+    """SD1-style (conv projections, one head count) or SD2-style (linear projections, per-level heads)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    sd2 = variant == "sd2"
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=(2, 4) if sd2 else 2,
+        use_linear_projection=sd2,
+        norm_num_groups=32,
+    ).eval()
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=32, scaling_factor=0.18215,
+    ).eval()
+
+
+def write_tiny_sd_folder(out: Path, variant: str = "sd1", prediction_type: str = "epsilon",
+                         timestep_spacing: str = "leading", seed: int = 0) -> Path:
+    """A complete diffusers-format folder, saved by diffusers itself."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(Path(tmp)))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+        timestep_spacing=timestep_spacing,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=tiny_unet(variant, seed), vae=tiny_vae(seed + 1),
+        text_encoder=tiny_clip_text_model(len(tokenizer), seed + 2), tokenizer=tokenizer,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    return out
