@@ -1,0 +1,12 @@
+"""ldm: latent diffusion text-to-image, numerically equal to diffusers on the same weights."""
+from __future__ import annotations
+
+__all__ = ["Pipeline"]
+
+
+def __getattr__(name: str):
+    # lazy, so `import ldm` (and `ldm --help`) does not pay for torch/transformers start-up
+    if name == "Pipeline":
+        from .pipeline import Pipeline
+        return Pipeline
+    raise AttributeError(name)

@@ -1,0 +1,217 @@
+"""Pipeline: text -> image and image -> image, reproducing diffusers' StableDiffusion(Img2Img)Pipeline.
+
+The order of random draws matches diffusers' with a CPU generator (initial noise; for img2img the
+VAE posterior sample first), so the same seed gives diffusers' image on any device.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .denoiser import classifier_free_guidance, make_denoiser
+from .model_io import ModelParts, load_model
+from .samplers import SAMPLERS, SamplingPlan, add_noise, plan_sampling, sample
+
+
+class GenerationError(RuntimeError):
+    """The model produced something unusable (NaN/Inf), reported with where it happened."""
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image] | np.ndarray | torch.Tensor
+    seed: int
+    steps_run: int  # model-evaluation steps actually taken (img2img runs a strength-dependent part)
+    settings: dict = field(default_factory=dict)
+
+
+def check_settings(*, height: int, width: int, factor: int, steps: int, guidance_scale: float,
+                   strength: float | None = None, sampler: str, num_images: int = 1) -> None:
+    """Every user-facing validation in one place, each failure a one-line ValueError."""
+    if height <= 0 or width <= 0 or height % factor or width % factor:
+        raise ValueError(f"height and width must be positive multiples of {factor} (the VAE factor), got {height}x{width}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance scale must be a finite number, got {guidance_scale}")
+    if strength is not None and not (0.0 < strength <= 1.0):
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{sampler}' (choose from {', '.join(sorted(SAMPLERS))})")
+    if num_images < 1:
+        raise ValueError(f"number of images must be >= 1, got {num_images}")
+
+
+def load_image(image: Image.Image | str | Path) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"{image}: no such image file") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"{image}: not a readable image ({e})") from None
+
+
+class Pipeline:
+    def __init__(self, parts: ModelParts, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.parts = parts.to(device, dtype)
+        self.device, self.dtype = torch.device(device), dtype
+        self.progress = True
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        **load_options) -> "Pipeline":
+        """`path=None` loads the embedded default model."""
+        if path is None:
+            from .default_model import default_model_path
+            path = default_model_path()
+        return cls(load_model(path, **load_options), device, dtype)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.parts.vae.config.downscale
+
+    # -- shared pieces -------------------------------------------------------------------------
+    def _text_states(self, prompts: list[str], negatives: list[str] | None, per_prompt: int,
+                     guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        enc = self.parts.text_encoder
+        cfg = guidance_scale > 1.0
+        chunks = max(enc.num_chunks(prompts), enc.num_chunks(negatives)) if cfg else None
+        cond = enc.encode(prompts, pad_to_chunks=chunks).states
+        uncond = enc.encode(negatives, pad_to_chunks=chunks).states if cfg else None
+        expand = lambda s: s.repeat_interleave(per_prompt, dim=0).to(self.device, self.dtype)  # noqa: E731
+        return expand(cond), (expand(uncond) if uncond is not None else None)
+
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.parts.unet(x.to(self.dtype), t.to(self.device), context)
+
+    def _run_sampler(self, name: str, x: torch.Tensor, plan: SamplingPlan, cond, uncond, guidance_scale: float,
+                     guidance_rescale: float, eta: float, generator: torch.Generator) -> torch.Tensor:
+        model_fn = classifier_free_guidance(self._unet, cond, uncond, guidance_scale, guidance_rescale)
+        denoiser = make_denoiser(model_fn, self.parts.schedule, plan)
+        bar = tqdm(total=plan.steps, desc="sampling", unit="step", disable=not self.progress, leave=False)
+
+        def on_step(info: dict) -> None:
+            if not torch.isfinite(info["denoised"]).all():
+                raise GenerationError(f"the U-Net produced NaN/Inf at step {info['i'] + 1} of {plan.steps}")
+            bar.update(1)
+
+        try:
+            with torch.inference_mode():
+                return sample(name, denoiser, x, plan, eta=eta, generator=generator, callback=on_step)
+        finally:
+            bar.close()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1]. A non-finite half-precision decode is retried in fp32, which is
+        the usual cure for SD VAEs overflowing in fp16."""
+        vae = self.parts.vae
+        with torch.inference_mode():
+            z = vae.unscale_latents(latents)
+            images = vae.decode(z.to(self.dtype))
+            if not torch.isfinite(images).all() and self.dtype != torch.float32:
+                vae.float()
+                try:
+                    images = vae.decode(z.float())
+                finally:
+                    vae.to(self.dtype)
+            if not torch.isfinite(images).all():
+                raise GenerationError("the VAE decoder produced NaN/Inf even in fp32")
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def _finish(self, latents: torch.Tensor, output_type: str) -> list[Image.Image] | np.ndarray | torch.Tensor:
+        if output_type == "latent":
+            return latents
+        images = self.decode(latents).permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return images
+        if output_type == "pil":
+            return [Image.fromarray((im * 255).round().astype("uint8")) for im in images]
+        raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got '{output_type}'")
+
+    @staticmethod
+    def _prompts(prompt: str | list[str], negative_prompt: str | list[str] | None) -> tuple[list[str], list[str]]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        else:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
+        return prompts, negatives
+
+    @staticmethod
+    def _generator(seed: int | None, generator: torch.Generator | None) -> tuple[torch.Generator, int]:
+        if generator is not None:
+            return generator, generator.initial_seed()
+        seed = secrets.randbits(32) if seed is None else int(seed)
+        return torch.Generator("cpu").manual_seed(seed), seed
+
+    # -- public API ----------------------------------------------------------------------------
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 num_inference_steps: int = 25, guidance_scale: float = 7.5, sampler: str = "dpmpp_2m",
+                 height: int | None = None, width: int | None = None, seed: int | None = None,
+                 latents: torch.Tensor | None = None, num_images_per_prompt: int = 1, output_type: str = "pil",
+                 karras: bool | None = None, eta: float = 0.0, guidance_rescale: float = 0.0,
+                 generator: torch.Generator | None = None) -> GenerationResult:
+        default = self.parts.unet.config.sample_size * self.vae_scale_factor
+        height, width = height or default, width or default
+        check_settings(height=height, width=width, factor=self.vae_scale_factor, steps=num_inference_steps,
+                       guidance_scale=guidance_scale, sampler=sampler, num_images=num_images_per_prompt)
+        prompts, negatives = self._prompts(prompt, negative_prompt)
+        gen, seed = self._generator(seed, generator)
+        cond, uncond = self._text_states(prompts, negatives, num_images_per_prompt, guidance_scale)
+        plan = plan_sampling(self.parts.schedule, sampler, num_inference_steps, karras=karras)
+        shape = (len(prompts) * num_images_per_prompt, self.parts.unet.config.in_channels,
+                 height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = torch.randn(shape, generator=gen, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        x = latents.to(self.device, torch.float32) * plan.init_noise_sigma
+        out = self._run_sampler(sampler, x, plan, cond, uncond, guidance_scale, guidance_rescale, eta, gen)
+        settings = dict(prompt=prompts, negative_prompt=negatives, steps=num_inference_steps, sampler=sampler,
+                        karras=plan.karras, guidance_scale=guidance_scale, seed=seed, width=width, height=height)
+        return GenerationResult(self._finish(out, output_type), seed, plan.steps, settings)
+
+    def img2img(self, image: Image.Image | str | Path, prompt: str | list[str], strength: float = 0.8,
+                negative_prompt: str | list[str] | None = None, num_inference_steps: int = 25,
+                guidance_scale: float = 7.5, sampler: str = "dpmpp_2m", height: int | None = None,
+                width: int | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
+                output_type: str = "pil", karras: bool | None = None, eta: float = 0.0,
+                guidance_rescale: float = 0.0, generator: torch.Generator | None = None) -> GenerationResult:
+        """Noise the encoded image to the level `strength` picks, then denoise toward `prompt`.
+        Unlike diffusers, a tiny strength still runs at least one step."""
+        image = load_image(image)
+        f = self.vae_scale_factor
+        # like diffusers' VaeImageProcessor: round down to the VAE factor unless a size is given
+        width, height = width or image.width // f * f, height or image.height // f * f
+        check_settings(height=height, width=width, factor=f, steps=num_inference_steps, guidance_scale=guidance_scale,
+                       strength=strength, sampler=sampler, num_images=num_images_per_prompt)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.LANCZOS)
+        prompts, negatives = self._prompts(prompt, negative_prompt)
+        gen, seed = self._generator(seed, generator)
+        cond, uncond = self._text_states(prompts, negatives, num_images_per_prompt, guidance_scale)
+        plan = plan_sampling(self.parts.schedule, sampler, num_inference_steps, karras=karras, strength=strength)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] * 2 - 1
+        with torch.inference_mode():
+            posterior = self.parts.vae.encode(pixels.to(self.device, self.dtype))
+            init = self.parts.vae.scale_latents(posterior.sample(gen).float())
+        init = init.repeat(len(prompts) * num_images_per_prompt, 1, 1, 1)
+        noise = torch.randn(init.shape, generator=gen, dtype=torch.float32).to(self.device)
+        x = add_noise(init, noise, plan)
+        out = self._run_sampler(sampler, x, plan, cond, uncond, guidance_scale, guidance_rescale, eta, gen)
+        settings = dict(prompt=prompts, negative_prompt=negatives, steps=num_inference_steps, sampler=sampler,
+                        karras=plan.karras, guidance_scale=guidance_scale, seed=seed, width=width, height=height,
+                        strength=strength)
+        return GenerationResult(self._finish(out, output_type), seed, plan.steps, settings)

@@ -1,0 +1,284 @@
+"""Samplers as small pure functions over a denoiser, k-diffusion style, equal to diffusers' schedulers.
+
+Every sampler has the signature `sample_x(denoiser, x, sigmas, *, generator=None, callback=None, ...)`,
+works on x in VE space (x = x0 + sigma * eps) and keeps its state in local variables. `plan_sampling`
+turns a NoiseSchedule into the exact noise levels and model timesteps the matching diffusers
+scheduler would use; `sample` converts diffusers' latents to and from VE space around the sampler.
+
+diffusers keeps DDIM, DDPM and DPM-Solver latents in VP space (x_vp = x_ve / sqrt(1 + sigma^2)) and
+the Euler family's in VE space; that is the only reason `sample` needs to know which is which.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .denoiser import DenoiserFn
+from .schedule import NoiseSchedule, noise_levels, spaced_timesteps
+
+Callback = Callable[[dict[str, Any]], None]  # k-diffusion's {"x", "i", "sigma", "sigma_hat", "denoised"}
+
+
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    # like diffusers' randn_tensor: draw on the generator's device (a CPU generator stays reproducible
+    # across devices), then move
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _ancestral(sigma: float, sigma_to: float, eta: float) -> tuple[float, float]:
+    """Split the step sigma -> sigma_to into a deterministic part (down) and fresh noise (up)."""
+    up = eta * math.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)
+    return up, math.sqrt(sigma_to**2 - up**2)
+
+
+def _clip(x0: torch.Tensor, clip: float | None) -> torch.Tensor:
+    return x0 if clip is None else x0.clamp(-clip, clip)
+
+
+def _report(callback: Callback | None, i: int, x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> None:
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+
+
+def sample_euler(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *,
+                 generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - x0) / sigma. (No randomness.)"""
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = denoiser(x, s[i])
+        x = x + (x - denoised) / s[i] * (s[i + 1] - s[i])
+        _report(callback, i, x, s[i], denoised)
+    return x
+
+
+def sample_euler_ancestral(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *,
+                           generator: torch.Generator | None = None,
+                           callback: Callback | None = None) -> torch.Tensor:
+    """Euler step down to sigma_down, then fresh noise up to sigma_{i+1} (eta = 1, like diffusers).
+    Noise is drawn on every step, the last included, so the generator advances as diffusers'."""
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = denoiser(x, s[i])
+        up, down = _ancestral(s[i], s[i + 1], 1.0)
+        x = x + (x - denoised) / s[i] * (down - s[i])
+        x = x + _noise_like(x, generator) * up
+        _report(callback, i, x, s[i], denoised)
+    return x
+
+
+def sample_heun(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, clip: float | None = None,
+                generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
+    """Heun's method (Karras et al. 2022, alg. 1): Euler, then average with the slope at sigma_{i+1};
+    a plain Euler step into sigma = 0. `clip` clamps x0 (diffusers' clip_sample)."""
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        denoised = _clip(denoiser(x, s[i]), clip)
+        d = (x - denoised) / s[i]
+        dt = s[i + 1] - s[i]
+        if s[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - _clip(denoiser(x_2, s[i + 1]), clip)) / s[i + 1]
+            x = x + (d + d_2) / 2 * dt
+        _report(callback, i, x, s[i], denoised)
+    return x
+
+
+def sample_dpmpp_2m(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *,
+                    generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022) in log-sigma time; first order on the first step and into
+    sigma = 0, as diffusers' DPMSolverMultistep (solver_order=2, midpoint, final sigma zero)."""
+    s = sigmas.tolist()
+    old_denoised = None
+    for i in range(len(s) - 1):
+        denoised = denoiser(x, s[i])
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(s[i]) - math.log(s[i + 1])
+            d = denoised
+            if old_denoised is not None:
+                r = (math.log(s[i - 1]) - math.log(s[i])) / h
+                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (s[i + 1] / s[i]) * x - math.expm1(-h) * d
+        old_denoised = denoised
+        _report(callback, i, x, s[i], denoised)
+    return x
+
+
+def sample_ddim(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, eta: float = 0.0,
+                sigmas_to: torch.Tensor | None = None, clip: float | None = None,
+                generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
+    """DDIM (Song et al. 2020); with eta = 0 it is exactly an Euler step in VE space.
+
+    sigmas_to[i] is where step i lands (default sigmas[i+1]). diffusers' DDIM always steps back by
+    num_train_timesteps // steps, which for "linspace"/"trailing" spacing lands beside the next
+    timestep; it then reads that same VP sample as being at the next level, so we rescale to match.
+    `clip` clamps x0 but, like diffusers, the direction term keeps the unclipped eps.
+    """
+    s = sigmas.tolist()
+    to = s[1:] if sigmas_to is None else sigmas_to.tolist()
+    for i in range(len(s) - 1):
+        denoised = denoiser(x, s[i])
+        eps = (x - denoised) / s[i]
+        denoised = _clip(denoised, clip)
+        up, down = _ancestral(s[i], to[i], eta)
+        x = denoised + down * eps
+        if eta > 0:
+            x = x + _noise_like(x, generator) * up
+        if to[i] != s[i + 1]:
+            x = x * math.sqrt((1 + s[i + 1] ** 2) / (1 + to[i] ** 2))
+        _report(callback, i, x, s[i], denoised)
+    return x
+
+
+def sample_ddpm(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, variance: str = "fixed_small",
+                last_noise: bool = True, clip: float | None = None, generator: torch.Generator | None = None,
+                callback: Callback | None = None) -> torch.Tensor:
+    """Ancestral sampling from the DDPM posterior q(x_{i+1} | x_i, x0) (Ho et al. 2020, eq. 7).
+
+    In VE space its mean is x0 + (sigma_{i+1} / sigma_i)^2 (x - x0); "fixed_small" variance is the
+    posterior's own, "fixed_large" is beta_t. diffusers draws noise whenever the timestep is > 0,
+    so the last step draws (and adds ~nothing) unless it sits at t = 0: that is `last_noise`.
+    """
+    s = sigmas.tolist()
+    for i in range(len(s) - 1):
+        sigma, sigma_next = s[i], s[i + 1]
+        denoised = _clip(denoiser(x, sigma), clip)
+        x = denoised + (sigma_next**2 / sigma**2) * (x - denoised)
+        if i < len(s) - 2 or last_noise:
+            if variance == "fixed_small":
+                up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+            else:
+                up = math.sqrt((1 + sigma_next**2) * (sigma**2 - sigma_next**2) / (1 + sigma**2))
+            x = x + _noise_like(x, generator) * up
+        _report(callback, i, x, sigma, denoised)
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddpm": sample_ddpm, "ddim": sample_ddim, "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m,
+}
+# which diffusers scheduler's timesteps and levels each sampler uses (see schedule.noise_levels)
+_FAMILY = {"ddpm": "ddpm", "ddim": "ddim", "euler": "euler", "euler_ancestral": "euler", "heun": "euler",
+           "dpmpp_2m": "dpm"}
+_VP_LATENTS = {"ddpm", "ddim", "dpmpp_2m"}
+_KARRAS_FROM_CONFIG = {"euler", "heun", "dpmpp_2m"}  # diffusers classes that read use_karras_sigmas
+_CLIP_DEFAULT = {"ddim": True, "ddpm": True, "heun": False}  # classes that read clip_sample, and its default
+
+
+@dataclass
+class SamplingPlan:
+    sampler: str
+    sigmas: torch.Tensor  # float64 [steps + 1], descending VE noise levels; the model runs at sigmas[:-1]
+    timesteps: torch.Tensor  # float64 [steps]: the training timestep the model gets at each sigmas[i]
+    init_noise_sigma: float  # what diffusers multiplies txt2img noise by
+    vp_latents: bool  # diffusers holds this sampler's latents in VP space
+    karras: bool
+    total_steps: int  # the requested steps; img2img runs the last `steps` of them
+    sigmas_to: torch.Tensor | None = None  # ddim: where each step lands, when not sigmas[i+1]
+    clip_sample_range: float | None = None  # ddim/ddpm/heun: clamp x0 to +-this
+    ddpm_variance: str = "fixed_small"
+    ddpm_last_noise: bool = True
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def model_evaluations(self) -> int:
+        return 2 * self.steps - 1 if self.sampler == "heun" else self.steps
+
+
+def plan_sampling(schedule: NoiseSchedule, sampler: str, steps: int, *, karras: bool | None = None,
+                  strength: float | None = None) -> SamplingPlan:
+    """The noise levels diffusers' scheduler for `sampler` would use with `steps` steps.
+
+    karras=None follows the config's use_karras_sigmas for the samplers whose diffusers class reads
+    it (euler, heun, dpmpp_2m); karras=True on ddim/ddpm/euler_ancestral is our own extension:
+    Karras levels between the spaced schedule's first and last sigma, like Euler's.
+    strength (img2img) keeps the tail of the schedule like diffusers' get_timesteps, but always at
+    least one step, where diffusers would run none (diffusers issue #1867).
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(sorted(SAMPLERS))})")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    total = schedule.num_train_timesteps
+    if steps > total:
+        raise ValueError(f"steps ({steps}) cannot exceed num_train_timesteps ({total})")
+    if strength is not None and not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    family = _FAMILY[sampler]
+    spacing = schedule.timestep_spacing or ("leading" if family in ("ddim", "ddpm") else "linspace")
+    karras = bool(schedule.use_karras_sigmas and sampler in _KARRAS_FROM_CONFIG) if karras is None else karras
+    ts = spaced_timesteps(schedule, steps, spacing, family)
+    if ts.min() < 0 or ts.max() > total - 1:
+        raise ValueError(f"{spacing} spacing with {steps} steps and steps_offset {schedule.steps_offset} gives "
+                         f"timesteps outside [0, {total - 1}]; pick another step count")
+    sigmas, timesteps, landing = noise_levels(schedule, family, steps, ts, karras)
+    if sampler in _VP_LATENTS:
+        init_noise_sigma = 1.0
+    else:
+        top = torch.from_numpy(sigmas.astype(np.float32)).max()  # float32 maths, as diffusers
+        init_noise_sigma = float(top if spacing in ("linspace", "trailing") else (top**2 + 1) ** 0.5)
+    start = 0
+    if strength is not None:
+        init_timestep = min(int(steps * strength), steps)
+        start = min(max(steps - init_timestep, 0), len(timesteps) - 1)
+    clip = None
+    if sampler in _CLIP_DEFAULT:
+        on = _CLIP_DEFAULT[sampler] if schedule.clip_sample is None else schedule.clip_sample
+        clip = schedule.clip_sample_range if on else None
+    to = None
+    if not np.array_equal(landing, sigmas[1:]):
+        to = torch.from_numpy(landing[start:])
+    return SamplingPlan(
+        sampler=sampler, sigmas=torch.from_numpy(sigmas[start:]), timesteps=torch.from_numpy(timesteps[start:]),
+        init_noise_sigma=init_noise_sigma, vp_latents=sampler in _VP_LATENTS, karras=karras, total_steps=steps,
+        sigmas_to=to, clip_sample_range=clip, ddpm_variance=schedule.ddpm_variance,
+        ddpm_last_noise=bool(ts[-1] > 0))
+
+
+
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, plan: SamplingPlan) -> torch.Tensor:
+    """The img2img starting latents: `latents` noised to the plan's first level, in the same space
+    (VP or VE) as diffusers' scheduler.add_noise returns for this sampler."""
+    sigma = plan.sigmas[0].item()
+    if plan.vp_latents:
+        scale = 1 / math.sqrt(1 + sigma**2)
+        return scale * latents + (sigma * scale) * noise
+    return latents + noise * sigma
+
+
+def sample(sampler: str, denoiser: DenoiserFn, x: torch.Tensor, plan: SamplingPlan, *, eta: float = 0.0,
+           generator: torch.Generator | None = None, callback: Callback | None = None) -> torch.Tensor:
+    """Run `sampler` along `plan` from x, the latents diffusers' pipeline starts its loop with
+    (txt2img: noise * plan.init_noise_sigma; img2img: add_noise). Returns the final latents,
+    in the space diffusers hands to the VAE. eta applies to ddim only."""
+    if sampler != plan.sampler:
+        raise ValueError(f"plan was made for sampler {plan.sampler!r}, not {sampler!r}")
+    if eta != 0.0 and sampler != "ddim":
+        raise ValueError(f"eta only applies to the ddim sampler, not {sampler!r}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+    first, last = plan.sigmas[0].item(), plan.sigmas[-1].item()
+    if plan.vp_latents:
+        x = x * math.sqrt(1 + first**2)
+    options: dict[str, Any] = {}
+    if sampler == "ddim":
+        options = {"eta": eta, "sigmas_to": plan.sigmas_to, "clip": plan.clip_sample_range}
+    elif sampler == "ddpm":
+        options = {"variance": plan.ddpm_variance, "last_noise": plan.ddpm_last_noise,
+                   "clip": plan.clip_sample_range}
+    elif sampler == "heun":
+        options = {"clip": plan.clip_sample_range}
+    x = SAMPLERS[sampler](denoiser, x, plan.sigmas, generator=generator, callback=callback, **options)
+    return x / math.sqrt(1 + last**2) if plan.vp_latents else x

@@ -1,0 +1,310 @@
+"""The shapes dataset (exact ground truth) and its pixel evaluator (right on truth, wrong on wrong)."""
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from ldm.shapes import (
+    BACKGROUND, COLOURS, HELD_OUT, MARGIN, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, place_pair, place_single,
+    random_scene, read_scenes, render, write_shapes_dataset,
+)
+from ldm.shapes_eval import (
+    CATEGORIES, detect_objects, eval_cases, run_shapes_eval, score_case, score_single, to_uint8,
+)
+
+N_EVAL = 24  # per category: covers every relation and every held-out pair/kind several times
+
+
+def _accuracy(cases, image_of) -> float:
+    return sum(score_case(c, image_of(c)) for c in cases) / len(cases)
+
+
+def _degrade(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Slight blur plus N(0, 8/255) noise: what a well-trained generator's flat colours look like."""
+    blurred = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(0.7))).astype(np.float64) / 255
+    return np.clip(blurred + rng.normal(0, 8 / 255, blurred.shape), 0, 1)
+
+
+def _other_size(o: ShapeObject) -> ShapeObject:
+    """Same object drawn in the other size range, kept on the pixel grid inside the canvas."""
+    size = "large" if o.size == "small" else "small"
+    d = sum(SIZES[size]) // 2
+    lo, hi = MARGIN, 64 - MARGIN - d
+    x0, y0 = (min(max(int(c - d / 2), lo), hi) for c in (o.cx, o.cy))
+    return replace(o, size=size, diameter=d, cx=x0 + d / 2, cy=y0 + d / 2)
+
+
+def _other(values, current):
+    return next(v for v in values if v != current)
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return eval_cases(N_EVAL, seed=0)
+
+
+# ---- dataset -----------------------------------------------------------------------------------
+
+
+def test_dataset_pixels_agree_with_ground_truth(tmp_path):
+    write_shapes_dataset(tmp_path, 40, seed=3, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and len(list(tmp_path.glob("*.png"))) == 40
+    palette = {BACKGROUND, *COLOURS.values()}
+    for (path, scene), row in zip(read_scenes(tmp_path), rows):
+        assert isinstance(row["text"], list) and row["text"][0] == row["caption"] == scene.caption()
+        img = np.asarray(Image.open(path))
+        assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+        assert {tuple(p) for p in img.reshape(-1, 3)} <= palette  # exact colours: no anti-aliasing
+        assert tuple(img[0, 0]) == BACKGROUND
+        assert len({o.colour for o in scene.objects}) == len(scene.objects)
+        centres = []
+        for o in scene.objects:
+            assert (o.colour, o.shape) not in HELD_OUT
+            ys, xs = np.nonzero((img == COLOURS[o.colour]).all(-1))
+            w, h = xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()
+            lo, hi = SIZES[o.size]
+            assert w == h == o.diameter and lo <= w <= hi, (o, w, h)
+            centres.append(((xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2))
+        if scene.relation is not None:
+            (ax, ay), (bx, by) = centres
+            sep = {"to the left of": bx - ax, "to the right of": ax - bx, "above": by - ay, "below": ay - by}
+            assert sep[scene.relation] >= 12, (scene, centres)
+            assert scene.relation in row["text"][0]
+
+
+def test_scene_balance_and_held_out_never_drawn():
+    scenes = [random_scene(random.Random(i)) for i in range(1500)]
+    pairs = [s for s in scenes if len(s.objects) == 2]
+    assert 0.33 < 1 - len(pairs) / len(scenes) < 0.47
+    for relation in RELATIONS:
+        assert 0.2 < sum(s.relation == relation for s in pairs) / len(pairs) < 0.3
+    drawn = {(o.colour, o.shape) for s in scenes for o in s.objects}
+    assert drawn.isdisjoint(HELD_OUT) and len(drawn) == len(COLOURS) * len(SHAPES) - len(HELD_OUT)
+    assert {o.size for s in scenes for o in s.objects} == set(SIZES)
+
+
+def test_dataset_is_deterministic_per_seed(tmp_path):
+    a, b, c = (write_shapes_dataset(tmp_path / name, 6, seed=s, progress=False) for name, s in
+               (("a", 7), ("b", 7), ("c", 8)))
+    meta = [(d / "metadata.jsonl").read_text() for d in (a, b, c)]
+    assert meta[0] == meta[1] and meta[0] != meta[2]
+    for i in range(6):
+        assert np.array_equal(np.asarray(Image.open(a / f"{i:06d}.png")), np.asarray(Image.open(b / f"{i:06d}.png")))
+
+
+def test_dataset_bad_input_and_foreign_files(tmp_path):
+    with pytest.raises(ValueError, match="at least 1"):
+        write_shapes_dataset(tmp_path / "x", 0, progress=False)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not a directory"):
+        write_shapes_dataset(tmp_path / "file", 2, progress=False)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("keep me")
+    write_shapes_dataset(tmp_path / "d", 2, progress=False)
+    assert (tmp_path / "d" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ValueError, match="different colours"):
+        place_pair(random.Random(0), ("red", "circle", "small"), ("red", "square", "small"), "above")
+
+
+def test_captions_canonical_first_and_converse_true():
+    rng = random.Random(0)
+    scene = place_pair(rng, ("red", "circle", "small"), ("blue", "square", "large"), "to the left of")
+    caps = scene.captions(rng)
+    assert caps[0] == "a red circle to the left of a blue square"
+    assert caps[1] == "a blue square to the right of a red circle"
+    for cap in caps:  # paraphrases never name anything that is not drawn
+        assert set(re.findall("|".join(COLOURS), cap)) == {"red", "blue"}
+        assert "above" not in cap and "below" not in cap
+    single = place_single(rng, "green", "triangle", "large").captions(rng)
+    assert single[:2] == ["a large green triangle", "a green triangle"]
+
+
+# ---- evaluator: right on ground truth ------------------------------------------------------------
+
+
+def test_eval_cases_fixed_and_well_formed(cases):
+    assert eval_cases(N_EVAL, seed=0) == cases and eval_cases(N_EVAL, seed=1) != cases
+    assert all(len(cases[c]) == N_EVAL for c in CATEGORIES)
+    for c in cases["single_object"]:
+        (o,) = c.expected.objects
+        assert c.prompt == f"a {o.size} {o.colour} {o.shape}" and (o.colour, o.shape) not in HELD_OUT
+    assert {c.expected.relation for c in cases["two_object"]} == set(RELATIONS)
+    for c in cases["held_out"]:
+        assert any((o.colour, o.shape) in HELD_OUT for o in c.expected.objects)
+    assert {len(c.expected.objects) for c in cases["held_out"]} == {1, 2}
+    for c in cases["img2img"]:
+        (o,), (i,) = c.expected.objects, c.init.objects
+        assert c.prompt == f"a {o.colour} {o.shape}" and o.colour != i.colour and (o.cx, o.cy) == (i.cx, i.cy)
+
+
+@pytest.mark.parametrize("degraded", [False, True])
+def test_evaluator_scores_ground_truth_right(cases, degraded):
+    rng = np.random.default_rng(0)
+    for category in CATEGORIES:
+        image_of = lambda c: _degrade(render(c.expected), rng) if degraded else render(c.expected)  # noqa: E731
+        assert _accuracy(cases[category], image_of) >= 0.98, category
+
+
+def test_evaluator_reads_other_resolutions_and_ignores_specks(cases):
+    case = cases["single_object"][0]
+    assert score_case(case, render(case.expected, 128).astype(np.float32) / 255)
+    img = render(case.expected)
+    # a 3x3 speck of another colour is noise, a 6x6 blob is an extra object; both in the corner
+    # farthest from the object so they cannot touch it
+    o = case.expected.objects[0]
+    y, x = max(((1, 1), (1, 57), (57, 1), (57, 57)), key=lambda p: (p[0] - o.cy) ** 2 + (p[1] - o.cx) ** 2)
+    colour = COLOURS[_other(COLOURS, o.colour)]
+    speck, blob = img.copy(), img.copy()
+    speck[y:y + 3, x:x + 3] = colour
+    blob[y:y + 6, x:x + 6] = colour
+    assert score_case(case, speck)
+    assert len(detect_objects(blob)) == 2 and not score_case(case, blob)
+    with pytest.raises(ValueError, match="HxWx3"):
+        to_uint8(np.zeros((64, 64)))
+
+
+# ---- evaluator: wrong on wrong images -------------------------------------------------------------
+
+
+def _blank(_case) -> np.ndarray:
+    return render(Scene(()))
+
+
+def _noise(case) -> np.ndarray:
+    return np.random.default_rng(case.seed).random((64, 64, 3))
+
+
+def _recoloured(scene: Scene) -> Scene:
+    return replace(scene, objects=tuple(replace(o, colour=_other(COLOURS, o.colour)) for o in scene.objects))
+
+
+def _reshaped(scene: Scene) -> Scene:
+    return replace(scene, objects=tuple(replace(o, shape=_other(SHAPES, o.shape)) for o in scene.objects))
+
+
+def _colours_swapped(scene: Scene) -> Scene:
+    a, b = scene.objects
+    return replace(scene, objects=(replace(a, colour=b.colour), replace(b, colour=a.colour)))
+
+
+def _mirrored(scene: Scene) -> Scene:
+    """Reflect positions across the canvas along the relation's axis: the relation flips, nothing else."""
+    horizontal = scene.relation in ("to the left of", "to the right of")
+    return replace(scene, objects=tuple(
+        replace(o, cx=64 - o.cx) if horizontal else replace(o, cy=64 - o.cy) for o in scene.objects))
+
+
+def _one_missing(scene: Scene) -> Scene:
+    return replace(scene, objects=scene.objects[:1], relation=None)
+
+
+SINGLE_WRONG = {
+    "colour": lambda c: render(_recoloured(c.expected)),
+    "shape": lambda c: render(_reshaped(c.expected)),
+    "size": lambda c: render(Scene((_other_size(c.expected.objects[0]),))),
+    "blank": _blank,
+    "noise": _noise,
+}
+PAIR_WRONG = {
+    "colours swapped": lambda c: render(_colours_swapped(c.expected)),
+    "mirrored relation": lambda c: render(_mirrored(c.expected)),
+    "shapes": lambda c: render(_reshaped(c.expected)),
+    "one missing": lambda c: render(_one_missing(c.expected)),
+    "blank": _blank,
+    "noise": _noise,
+}
+
+
+def _moved(case) -> np.ndarray:
+    """The right object 16 px away from where it started (towards the centre, so it stays inside)."""
+    (o,) = case.expected.objects
+    dx = 16 if o.cx < 32 else -16
+    return render(Scene((replace(o, cx=o.cx + dx),)))
+
+
+IMG2IMG_WRONG = {
+    "moved 16 px": _moved,
+    "colour unchanged": lambda c: render(c.init),
+    "shape": lambda c: render(_reshaped(c.expected)),
+    "blank": _blank,
+    "noise": _noise,
+}
+
+
+@pytest.mark.parametrize("wrong", list(SINGLE_WRONG))
+def test_single_object_wrong_images_score_low(cases, wrong):
+    singles = cases["single_object"] + [c for c in cases["held_out"] if len(c.expected.objects) == 1]
+    assert _accuracy(singles, SINGLE_WRONG[wrong]) <= 0.1
+
+
+@pytest.mark.parametrize("wrong", list(PAIR_WRONG))
+def test_two_object_wrong_images_score_low(cases, wrong):
+    pairs = cases["two_object"] + [c for c in cases["held_out"] if len(c.expected.objects) == 2]
+    assert _accuracy(pairs, PAIR_WRONG[wrong]) <= 0.1
+
+
+@pytest.mark.parametrize("wrong", list(IMG2IMG_WRONG))
+def test_img2img_wrong_images_score_low(cases, wrong):
+    assert _accuracy(cases["img2img"], IMG2IMG_WRONG[wrong]) <= 0.1
+
+
+def test_size_only_checked_when_prompted(cases):
+    case = cases["single_object"][0]
+    wrong_size = render(Scene((_other_size(case.expected.objects[0]),)))
+    assert not score_single(wrong_size, case.expected.objects[0])
+    assert score_single(wrong_size, case.expected.objects[0], check_size=False)
+
+
+# ---- the runner, with stand-in models ---------------------------------------------------------------
+
+
+def test_run_shapes_eval_with_oracle_and_blank_models(tmp_path):
+    n, seed = 6, 4
+    by_prompt = {(c.prompt, c.seed): c for cs in eval_cases(n, seed).values() for c in cs}
+    calls = []
+
+    def oracle(prompt: str, s: int) -> np.ndarray:
+        return render(by_prompt[(prompt, s)].expected, 128).astype(np.float32) / 255
+
+    def recolour(init: np.ndarray, prompt: str, strength: float, s: int) -> np.ndarray:
+        # a perfect img2img: repaint the object's pixels in the prompt's colour, leave everything else
+        calls.append((init.shape, strength))
+        out = init.copy()
+        out[(init != BACKGROUND).any(-1)] = COLOURS[prompt.split()[1]]
+        return out.astype(np.float32) / 255
+
+    # a 128 px model: init images come at its size, and its outputs are scored at any size
+    result = run_shapes_eval(oracle, recolour, n=n, seed=seed, progress=False, save_dir=tmp_path, resolution=128)
+    assert all(result[c] == 1.0 for c in CATEGORIES) and calls == [((128, 128, 3), 0.7)] * n
+    assert result["n"] == n and result["seed"] == seed and result["counts"]["held_out"] == {"correct": n, "total": n}
+    assert len(list(tmp_path.glob("*_ok.png"))) == 4 * n
+    json.dumps(result)
+
+    blank = run_shapes_eval(lambda p, s: np.full((64, 64, 3), 0.5), None, n=n, seed=seed, progress=False)
+    assert all(blank[c] == 0.0 for c in CATEGORIES[:3]) and blank["img2img"] is None
+
+
+def test_lookalikes_are_no_shape():
+    """Shapes outside the dataset's three must not pass as one of them."""
+    tri = render(Scene((ShapeObject("triangle", "red", "large", 32, 32, 28),)))
+    square = render(Scene((ShapeObject("square", "red", "large", 32, 32, 28),)))
+    hollow = square.copy()
+    hollow[22:42, 22:42] = BACKGROUND
+    yy, xx = np.mgrid[:64, :64] + 0.5
+    ellipse, diamond = (np.full((64, 64, 3), BACKGROUND, np.uint8) for _ in range(2))
+    ellipse[((xx - 32) / 14) ** 2 + ((yy - 32) / 8) ** 2 < 1] = COLOURS["red"]
+    diamond[np.abs(xx - 32) + np.abs(yy - 32) <= 14] = COLOURS["red"]
+    for name, img in {"upside-down triangle": tri[::-1], "hollow square": hollow, "ellipse": ellipse,
+                      "diamond": diamond}.items():
+        (found,) = detect_objects(img)
+        assert found.colour == "red" and found.shape is None, name
+    giant = render(Scene((ShapeObject("square", "red", "large", 32, 32, 48),)))
+    assert detect_objects(giant)[0].size is None
+    assert not score_single(giant, ShapeObject("square", "red", "large", 32, 32, 48), check_size=False)
