@@ -54,13 +54,37 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--allow-pickle", action="store_true")
     conv.add_argument("--tokenizer", type=Path)
     conv.add_argument("--prediction-type", choices=["epsilon", "v_prediction"])
+    data = sub.add_parser("data", help="write datasets").add_subparsers(dest="dataset", required=True)
+    shapes = data.add_parser("shapes", help="the procedural captioned shapes dataset")
+    shapes.add_argument("--out", type=Path, required=True)
+    shapes.add_argument("--n", type=int, required=True)
+    shapes.add_argument("--seed", type=int, default=0)
+    ev = sub.add_parser("eval", help="score a model").add_subparsers(dest="benchmark", required=True)
+    ev_shapes = ev.add_parser("shapes", help="prompt fidelity on the shapes world, scored from pixels (JSON)")
+    ev_shapes.add_argument("--steps", type=int, default=25)
+    ev_shapes.add_argument("--sampler", default="dpmpp_2m")
+    ev_shapes.add_argument("--guidance", type=float, default=7.5)
+    ev_shapes.add_argument("--n", type=int, default=50, help="prompts per category")
+    ev_shapes.add_argument("--seed", type=int, default=0)
+    ev_shapes.add_argument("--save-images", type=Path, help="folder for every generated image, marked ok/fail")
+    ev_shapes.add_argument("--quiet", action="store_true")
+    ev_shapes.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None)
+    _model_options(ev_shapes)
     return parser
 
 
 def _load_pipeline(args: argparse.Namespace):
     import torch
+    import transformers
 
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, check_settings
+
+    # settings that do not depend on the model fail before the (slow) load
+    check_settings(height=8, width=8, factor=1, steps=args.steps, guidance_scale=args.guidance,
+                   strength=getattr(args, "strength", None), sampler=args.sampler,
+                   num_images=getattr(args, "num_images", 1))
+    transformers.logging.set_verbosity_error()  # its per-file "Loading weights" bars are noise here
+    transformers.logging.disable_progress_bar()
 
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=getattr(torch, _DTYPES[args.dtype]),
                                     allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
@@ -110,7 +134,6 @@ def cmd_img2img(args: argparse.Namespace) -> None:
                           karras=args.karras, eta=args.eta, guidance_rescale=args.guidance_rescale,
                           height=args.height, width=args.width, seed=args.seed,
                           num_images_per_prompt=args.num_images)
-    logging.getLogger("ldm").info("img2img ran %d of %d steps (strength %g)", result.steps_run, args.steps, args.strength)
     print(f"img2img: ran {result.steps_run} of {args.steps} steps (strength {args.strength:g})", file=sys.stderr)
     _save_images(pipe, result, args, {"Denoising strength": f"{args.strength:g}"})
 
@@ -129,7 +152,40 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(args.dst)
 
 
-COMMANDS = {"generate": cmd_generate, "img2img": cmd_img2img, "convert": cmd_convert}
+def cmd_data(args: argparse.Namespace) -> None:
+    from .shapes import write_shapes_dataset
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    print(write_shapes_dataset(args.out, args.n, seed=args.seed))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from .shapes_eval import run_shapes_eval
+
+    pipe = _load_pipeline(args)
+    pipe.progress = False  # one bar over the whole evaluation instead of one per image
+    size = pipe.parts.unet.config.sample_size * pipe.vae_scale_factor
+    options = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+                   karras=args.karras, output_type="np")
+
+    def generate(prompt: str, seed: int):
+        return pipe(prompt, seed=seed, height=size, width=size, **options).images[0]
+
+    def img2img(image, prompt: str, strength: float, seed: int):
+        from PIL import Image
+        return pipe.img2img(Image.fromarray(image), prompt, strength=strength, seed=seed, **options).images[0]
+
+    scores = run_shapes_eval(generate, img2img, n=args.n, seed=args.seed, progress=not args.quiet,
+                             save_dir=args.save_images, resolution=size)
+    scores.update(model=pipe.parts.name, steps=args.steps, sampler=args.sampler, guidance=args.guidance)
+    print(json.dumps(scores, indent=2))
+
+
+COMMANDS = {"generate": cmd_generate, "img2img": cmd_img2img, "convert": cmd_convert, "data": cmd_data,
+            "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,92 @@
+"""The `ldm` command: outputs, PNG parameters, and one-line errors for bad input."""
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from ldm.cli import main
+from ldm.png_info import read_parameters
+from tiny import write_tiny_sd_folder
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return str(write_tiny_sd_folder(tmp_path_factory.mktemp("sd"), "sd1"))
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_writes_png_with_a1111_parameters(model, tmp_path, capsys):
+    out = tmp_path / "a.png"
+    code, stdout, _ = run(capsys, "generate", "a red circle", "--model", model, "--negative", "blurry", "--steps", 3,
+                          "--guidance", 5, "--seed", 7, "--height", 32, "--width", 48, "--sampler", "euler",
+                          "--karras", "--out", out, "--quiet")
+    assert code == 0 and stdout.split() == [str(out)]
+    assert Image.open(out).size == (48, 32)
+    lines = read_parameters(out).splitlines()
+    assert lines[0] == "a red circle" and lines[1] == "Negative prompt: blurry"
+    fields = dict(f.split(": ", 1) for f in lines[2].split(", "))
+    assert fields["Steps"] == "3" and fields["Sampler"] == "Euler" and fields["Schedule type"] == "Karras"
+    assert fields["CFG scale"] == "5" and fields["Seed"] == "7" and fields["Size"] == "48x32"
+    assert len(fields["Model hash"]) == 10
+
+
+def test_same_settings_same_png_and_numbered_outputs(model, tmp_path, capsys):
+    args = ["generate", "a cat", "--model", model, "--steps", 2, "--seed", 3, "--height", 32, "--width", 32, "--quiet"]
+    run(capsys, *args, "--out", tmp_path / "x.png")
+    run(capsys, *args, "--out", tmp_path / "y.png")
+    assert (tmp_path / "x.png").read_bytes() == (tmp_path / "y.png").read_bytes()
+    code, stdout, _ = run(capsys, *args, "--num-images", 2, "--out", tmp_path / "b.png")
+    assert code == 0 and stdout.split() == [str(tmp_path / "b-0.png"), str(tmp_path / "b-1.png")]
+    assert "Batch pos: 1" in read_parameters(tmp_path / "b-1.png")
+
+
+def test_img2img_reports_steps_run(model, tmp_path, capsys):
+    Image.new("RGB", (32, 32), (220, 40, 40)).save(tmp_path / "in.png")
+    code, stdout, err = run(capsys, "img2img", tmp_path / "in.png", "a blue circle", "--model", model, "--strength",
+                            0.5, "--steps", 4, "--seed", 1, "--out", tmp_path / "o.png", "--quiet")
+    assert code == 0 and "ran 2 of 4 steps" in err
+    assert "Denoising strength: 0.5" in read_parameters(tmp_path / "o.png")
+
+
+def test_convert_both_ways(model, tmp_path, capsys):
+    assert run(capsys, "convert", model, tmp_path / "m.safetensors")[0] == 0
+    assert run(capsys, "convert", tmp_path / "m.safetensors", tmp_path / "folder")[0] == 0
+    assert (tmp_path / "folder" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "x", "--height", "31", "--width", "32"], "multiples of 2"),
+    (["generate", "x", "--steps", "0"], "steps must be >= 1"),
+    (["generate", "x", "--guidance", "nan"], "finite"),
+    (["generate", "x", "--guidance", "inf"], "finite"),
+    (["generate", "x", "--sampler", "plms"], "unknown sampler"),
+    (["img2img", "MISSING.png", "x", "--strength", "0.5"], "no such image"),
+    (["img2img", "BAD.png", "x"], "not a readable image"),
+    (["img2img", "GOOD.png", "x", "--strength", "1.5"], "strength must be in"),
+    (["img2img", "GOOD.png", "x", "--strength", "0"], "strength must be in"),
+])
+def test_bad_input_is_one_line_and_nonzero(model, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "BAD.png").write_bytes(b"not a png at all")
+    Image.new("RGB", (32, 32)).save(tmp_path / "GOOD.png")
+    code, _, err = run(capsys, *argv, "--model", model, "--quiet")
+    assert code != 0
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_missing_model_is_one_line(tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "x", "--model", tmp_path / "nope")
+    assert code != 0 and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_console_script_bad_input_has_no_traceback(model, tmp_path):
+    """The installed entry point, as a user runs it: exit status and stderr only."""
+    proc = subprocess.run([sys.executable, "-m", "ldm.cli", "generate", "x", "--model", model, "--steps", "-1"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "steps must be >= 1" in proc.stderr
