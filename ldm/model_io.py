@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -171,6 +171,13 @@ def _foreign_text_encoder(state: dict[str, torch.Tensor], tokenizer: Path | None
     return {"text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
 
 
+def _schedule(ours: dict | None, prediction_type: str | None) -> NoiseSchedule:
+    # a foreign CompVis file says nothing about its schedule: SD's training schedule is the sane default
+    # (diffusers' class defaults for an empty config would be a different, linear 1e-4..0.02 schedule)
+    schedule = NoiseSchedule.from_diffusers_config(ours["scheduler"]) if ours else NoiseSchedule()
+    return replace(schedule, prediction_type=prediction_type) if prediction_type else schedule
+
+
 def load_single_file(path: Path, *, allow_pickle: bool = False, tokenizer: Path | None = None,
                      clip_skip: int | None = None, prediction_type: str | None = None) -> ModelParts:
     path = Path(path)
@@ -186,9 +193,6 @@ def load_single_file(path: Path, *, allow_pickle: bool = False, tokenizer: Path 
         vae_state = compvis.vae_from_compvis(state, vae_cfg)
     except (KeyError, ValueError, IndexError) as e:
         raise CheckpointError(f"{path}: unknown checkpoint layout ({e})") from None
-    sched_cfg = dict(ours["scheduler"]) if ours else {}
-    if prediction_type:
-        sched_cfg["prediction_type"] = prediction_type
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         if ours:
@@ -202,7 +206,7 @@ def load_single_file(path: Path, *, allow_pickle: bool = False, tokenizer: Path 
             index = _foreign_text_encoder(state, tokenizer, folder)
         text = load_text_encoder_from_folder(folder, index, clip_skip=clip_skip)
     return ModelParts(_build(UNet, unet_cfg, unet_state, "unet"), _build(AutoencoderKL, vae_cfg, vae_state, "vae"),
-                      text, NoiseSchedule.from_diffusers_config(sched_cfg), path.stem, short_hash(path))
+                      text, _schedule(ours, prediction_type), path.stem, short_hash(path))
 
 
 def load_model(path: Path | str, *, allow_pickle: bool = False, tokenizer: Path | None = None,
@@ -214,7 +218,7 @@ def load_model(path: Path | str, *, allow_pickle: bool = False, tokenizer: Path 
             raise CheckpointError(f"{path}: not a diffusers model folder (no model_index.json)")
         parts = load_diffusers_folder(path, allow_pickle=allow_pickle, clip_skip=clip_skip)
         if prediction_type:
-            parts.schedule.prediction_type = prediction_type
+            parts.schedule = replace(parts.schedule, prediction_type=prediction_type)
         return parts
     if not path.exists():
         raise CheckpointError(f"{path}: no such model file or folder")

@@ -1,9 +1,10 @@
 """Samplers as small pure functions over a denoiser, k-diffusion style, equal to diffusers' schedulers.
 
 Every sampler has the signature `sample_x(denoiser, x, sigmas, *, generator=None, callback=None, ...)`,
-works on x in VE space (x = x0 + sigma * eps) and keeps its state in local variables. `plan_sampling`
-turns a NoiseSchedule into the exact noise levels and model timesteps the matching diffusers
-scheduler would use; `sample` converts diffusers' latents to and from VE space around the sampler.
+works on x in VE space (x = x0 + sigma * eps) and keeps its state in local variables (deterministic
+samplers accept `generator` only to share that signature). `plan_sampling` turns a NoiseSchedule
+into the exact noise levels and model timesteps the matching diffusers scheduler would use; `sample`
+converts diffusers' latents to and from VE space around the sampler.
 
 diffusers keeps DDIM, DDPM and DPM-Solver latents in VP space (x_vp = x_ve / sqrt(1 + sigma^2)) and
 the Euler family's in VE space; that is the only reason `sample` needs to know which is which.
@@ -11,6 +12,7 @@ the Euler family's in VE space; that is the only reason `sample` needs to know w
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,7 +35,7 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 def _ancestral(sigma: float, sigma_to: float, eta: float) -> tuple[float, float]:
     """Split the step sigma -> sigma_to into a deterministic part (down) and fresh noise (up)."""
     up = eta * math.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)
-    return up, math.sqrt(sigma_to**2 - up**2)
+    return up, math.sqrt(max(sigma_to**2 - up**2, 0.0))  # max: rounding when sigma_to << sigma
 
 
 def _clip(x0: torch.Tensor, clip: float | None) -> torch.Tensor:
@@ -176,6 +178,7 @@ _CLIP_DEFAULT = {"ddim": True, "ddpm": True, "heun": False}  # classes that read
 
 @dataclass
 class SamplingPlan:
+    """Everything a sampler run needs besides the model: made by plan_sampling, read by sample."""
     sampler: str
     sigmas: torch.Tensor  # float64 [steps + 1], descending VE noise levels; the model runs at sigmas[:-1]
     timesteps: torch.Tensor  # float64 [steps]: the training timestep the model gets at each sigmas[i]
@@ -209,8 +212,9 @@ def plan_sampling(schedule: NoiseSchedule, sampler: str, steps: int, *, karras: 
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(sorted(SAMPLERS))})")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    steps = int(steps)
     total = schedule.num_train_timesteps
     if steps > total:
         raise ValueError(f"steps ({steps}) cannot exceed num_train_timesteps ({total})")
@@ -245,7 +249,6 @@ def plan_sampling(schedule: NoiseSchedule, sampler: str, steps: int, *, karras: 
         init_noise_sigma=init_noise_sigma, vp_latents=sampler in _VP_LATENTS, karras=karras, total_steps=steps,
         sigmas_to=to, clip_sample_range=clip, ddpm_variance=schedule.ddpm_variance,
         ddpm_last_noise=bool(ts[-1] > 0))
-
 
 
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, plan: SamplingPlan) -> torch.Tensor:

@@ -104,7 +104,8 @@ class NoiseSchedule:
             raise ValueError(f"unsupported scheduler config: variance_type={variance!r} "
                              f"(supported: {', '.join(repr(v) for v in DDPM_VARIANCES)})")
         kw: dict[str, Any] = {"ddpm_variance": DDPM_VARIANCES[variance]}
-        # diffusers' own class defaults for keys a config may lack (DDPM/DDIM/Euler/DPM agree on these)
+        # diffusers' class defaults for keys a config may lack. All classes agree on these except Heun's
+        # betas (0.00085..0.012); configs that diffusers writes always carry the beta keys.
         base = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                 "trained_betas": None, "prediction_type": "epsilon", "steps_offset": 0, "clip_sample_range": 1.0,
                 "lambda_min_clipped": -math.inf}
@@ -116,10 +117,7 @@ class NoiseSchedule:
             if key in types and not _is_type(value, types[key]):
                 raise ValueError(f"scheduler config {key} must be {types[key].__name__}, got {value!r}")
             kw[key] = value
-        if "timestep_spacing" in cfg and cfg["timestep_spacing"] not in SPACINGS:
-            raise ValueError(f"unsupported scheduler config: timestep_spacing={cfg['timestep_spacing']!r} "
-                             f"(supported: {', '.join(SPACINGS)})")
-        kw["timestep_spacing"] = cfg.get("timestep_spacing")
+        kw["timestep_spacing"] = cfg.get("timestep_spacing")  # None: each class's default, see above
         for key in ("set_alpha_to_one", "clip_sample", "use_karras_sigmas"):
             value = cfg.get(key)
             if value is not None and not isinstance(value, bool):
@@ -140,6 +138,9 @@ class NoiseSchedule:
                 cfg[f.name] = list(value) if value is not None else None
             elif f.name == "lambda_min_clipped":
                 if math.isfinite(value):  # -inf is the default and is not valid JSON
+                    cfg[f.name] = value
+            elif f.name == "use_karras_sigmas":  # DDIM does not know the key: only write it when it matters
+                if value:
                     cfg[f.name] = value
             elif value is not None:
                 cfg[f.name] = value
