@@ -97,7 +97,7 @@ def save_diffusers_folder(parts: ModelParts, out: Path) -> Path:
     sched = parts.schedule.to_diffusers_config()
     write_json(out / "scheduler" / "scheduler_config.json", sched)
     parts.text_encoder.save(out)
-    text_classes = _text_model_index(out)
+    text_classes = parts.text_encoder.model_index_entries()
     write_json(out / "model_index.json", {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -105,13 +105,6 @@ def save_diffusers_folder(parts: ModelParts, out: Path) -> Path:
         "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
     })
     return out
-
-
-def _text_model_index(root: Path) -> dict:
-    """model_index.json entries for the text encoder and tokenizer that `TextEncoder.save` wrote."""
-    arch = _read_json(root / "text_encoder" / "config.json").get("architectures") or ["AutoModel"]
-    tok = _read_json(root / "tokenizer" / "tokenizer_config.json").get("tokenizer_class", "AutoTokenizer")
-    return {"text_encoder": ["transformers", arch[0]], "tokenizer": ["transformers", tok]}
 
 
 def save_single_file(parts: ModelParts, out: Path) -> Path:
@@ -123,7 +116,7 @@ def save_single_file(parts: ModelParts, out: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         parts.text_encoder.save(Path(tmp))
         text_state = read_safetensors(Path(tmp) / "text_encoder" / "model.safetensors")[0]
-        model_index = _text_model_index(Path(tmp))
+        model_index = parts.text_encoder.model_index_entries()
         # transformers 5 saves CLIP without the `text_model.` level that SD 1.x files (and A1111) use
         clip = model_index["text_encoder"][1].startswith("CLIPTextModel")
         state.update({_TEXT_KEY_PREFIX + ("text_model." + k if clip and not k.startswith("text_model.") else k): v
