@@ -119,3 +119,29 @@ def test_bad_settings_are_one_line_errors(model_dir, kwargs, message):
 def test_bad_strength(model_dir, strength):
     with pytest.raises(ValueError, match="strength"):
         ours(model_dir).img2img(Image.new("RGB", (32, 32)), "x", strength=strength)
+
+
+def test_unet_nan_is_reported_with_the_step(model_dir):
+    pipe = ours(model_dir)
+    with torch.no_grad():
+        pipe.parts.unet.conv_out.bias.fill_(float("nan"))
+    from ldm.pipeline import GenerationError
+    with pytest.raises(GenerationError, match="NaN/Inf at step 1 of 3"):
+        pipe("x", num_inference_steps=3, height=32, width=32, seed=0)
+
+
+def test_half_precision_vae_overflow_is_retried_in_fp32(model_dir):
+    """An fp16 decode that overflows (as SD VAEs do) is redone in fp32 instead of returning NaNs."""
+    pipe = ours(model_dir)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pipe.parts.vae.decoder.conv_in.weight.mul_(3e4)  # activations beyond fp16's 65504
+    want = pipe.decode(latents)
+    pipe.parts.to(dtype=torch.float16)
+    pipe.dtype = torch.float16
+    with torch.no_grad():
+        half = pipe.parts.vae.decode(pipe.parts.vae.unscale_latents(latents).half())
+    assert not torch.isfinite(half).all()  # the overflow this test is about really happens
+    got = pipe.decode(latents)
+    assert torch.isfinite(got).all() and (got - want).abs().max() < 0.05
+    assert pipe.parts.vae.decoder.conv_in.weight.dtype == torch.float16  # restored afterwards
