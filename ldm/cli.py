@@ -16,8 +16,18 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", type=Path, help="CLIP tokenizer folder for single-file checkpoints")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the model's")
     p.add_argument("--clip-skip", type=int, help="use the output of the k-th-from-last CLIP layer (diffusers' meaning)")
+    p.add_argument("--lora", type=_lora_option, action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA file into the U-Net (repeatable)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
+
+
+def _lora_option(value: str) -> tuple[Path, float]:
+    path, _, scale = value.partition(":")
+    try:
+        return Path(path), float(scale) if scale else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FILE[:scale], got '{value}'") from None
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
@@ -70,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev_shapes.add_argument("--quiet", action="store_true")
     ev_shapes.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None)
     _model_options(ev_shapes)
+    for name, handler in COMMANDS.items():
+        sub.choices[name].set_defaults(handler=handler)
+    from .train.commands import register
+
+    for name, handler in register(sub).items():
+        sub.choices[name].set_defaults(handler=handler)
     return parser
 
 
@@ -89,6 +105,10 @@ def _load_pipeline(args: argparse.Namespace):
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=getattr(torch, _DTYPES[args.dtype]),
                                     allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
                                     prediction_type=args.prediction_type, clip_skip=args.clip_skip)
+    from .train.lora import apply_lora
+
+    for path, scale in args.lora:
+        apply_lora(pipe.parts.unet, path, scale)
     pipe.progress = not args.quiet
     return pipe
 
@@ -195,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     from .weights import CheckpointError
 
     try:
-        COMMANDS[args.command](args)
+        if args.command in ("train", "finetune"):
+            logging.getLogger().setLevel(logging.INFO)  # per-step progress lines
+        args.handler(args)
     except (ValueError, CheckpointError, GenerationError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -90,3 +90,31 @@ def test_console_script_bad_input_has_no_traceback(model, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ldm.cli", "generate", "x", "--model", model, "--steps", "-1"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "steps must be >= 1" in proc.stderr
+
+
+def test_generate_with_lora_file_and_scale(model, tmp_path, capsys):
+    """--lora FILE:SCALE merges the adapter: scale 0 is the plain model, scale 1 changes the image."""
+    import numpy as np
+    import torch
+
+    from ldm.model_io import load_model
+    from ldm.train.config import LoraConfig
+    from ldm.train.lora import add_lora, save_lora
+
+    unet = load_model(model).unet
+    cfg = LoraConfig(enabled=True, rank=2)
+    add_lora(unet, cfg)
+    with torch.no_grad():  # peft starts B at zero (a no-op adapter); give it a real effect
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    lora = save_lora(unet, tmp_path / "style.safetensors", cfg)
+    args = ["generate", "a cat", "--model", model, "--steps", 2, "--seed", 3, "--height", 32, "--width", 32, "--quiet"]
+    pixels = {}
+    for name, extra in (("plain", []), ("zero", ["--lora", f"{lora}:0"]), ("full", ["--lora", str(lora)])):
+        assert run(capsys, *args, *extra, "--out", tmp_path / f"{name}.png")[0] == 0
+        pixels[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
+    assert np.array_equal(pixels["plain"], pixels["zero"])
+    assert not np.array_equal(pixels["plain"], pixels["full"])
+    code, _, err = run(capsys, *args, "--lora", tmp_path / "missing.safetensors")
+    assert code != 0 and err.startswith("error: ")

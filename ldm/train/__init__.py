@@ -1,0 +1,7 @@
+"""Training on accelerate: stage 1 (KL autoencoder), stage 2 (text-conditioned U-Net), fine-tuning
+(full or LoRA), with atomic checkpoints and exact resume. See docs/TRAINING.md.
+
+Entry points: `ldm.train.runner.train(cfg, output_dir, resume)`, `ldm.train.config.load_config`,
+`ldm.train.commands.register` (the CLI), `ldm.train.lora.apply_lora` (merging a LoRA for generation).
+Nothing is imported here, so `ldm.train.lora` loads without accelerate's start-up cost.
+"""

@@ -1,0 +1,70 @@
+"""The model a stage-2 run starts from: a whole model to fine-tune, or a trained VAE + a text
+encoder + a fresh U-Net, checked against each other before any training starts."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..autoencoder import AutoencoderKL
+from ..diffusers_config import upgrade_legacy_vae_keys, vae_config_from_diffusers
+from ..model_io import ModelParts, load_model
+from ..text import load_text_encoder
+from ..unet import UNet
+from ..weights import CheckpointError, load_state_dict_checked, read_safetensors
+from .config import UNetStageConfig
+
+logger = logging.getLogger(__name__)
+
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def load_vae_folder(path: Path | str) -> AutoencoderKL:
+    """A VAE folder (config.json + diffusion_pytorch_model.safetensors, as stage 1 writes) or a model
+    folder's `vae/`."""
+    path = Path(path)
+    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a VAE folder (no config.json)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+    vae = AutoencoderKL(vae_config_from_diffusers(cfg))
+    state = upgrade_legacy_vae_keys(read_safetensors(folder / VAE_WEIGHTS)[0])
+    load_state_dict_checked(vae, {k: v.float() for k, v in state.items()}, "vae")
+    return vae.eval().requires_grad_(False)
+
+
+def build_parts(cfg: UNetStageConfig, name: str) -> ModelParts:
+    """Every part on the CPU in fp32; the U-Net is trainable, the VAE and text encoder frozen."""
+    if cfg.init_from is not None:
+        parts = load_model(cfg.init_from)
+        if cfg.vae is not None:
+            parts.vae = load_vae_folder(cfg.vae)
+            logger.info("using the VAE from %s instead of %s's", cfg.vae, cfg.init_from)
+        if cfg.data.resolution is None:
+            cfg.data.resolution = parts.unet.config.sample_size * parts.vae.config.downscale
+    else:
+        vae = load_vae_folder(cfg.vae)
+        t = cfg.text_encoder
+        kwargs = {"max_length": t.max_length} if t.max_length is not None else {}
+        text = load_text_encoder(t.kind, Path(t.path) if t.path else None, **kwargs)
+        ucfg = cfg.unet
+        if cfg.data.resolution is None:
+            raise ValueError("data.resolution must be set when training a U-Net from scratch")
+        if ucfg.cross_attention_dim != text.hidden_size:
+            raise ValueError(f"unet.cross_attention_dim is {ucfg.cross_attention_dim} but the {t.kind} text encoder's "
+                             f"states are {text.hidden_size}-d: set unet.cross_attention_dim={text.hidden_size}")
+        lc = vae.config.latent_channels
+        if ucfg.in_channels != lc or ucfg.out_channels != lc:
+            raise ValueError(f"unet.in_channels/out_channels are {ucfg.in_channels}/{ucfg.out_channels} but the VAE "
+                             f"has {lc} latent channels")
+        # the size `ldm generate` uses by default is the training size
+        ucfg.sample_size = cfg.data.resolution // vae.config.downscale
+        parts = ModelParts(UNet(ucfg), vae, text, cfg.schedule, name, "")
+    if cfg.data.resolution % parts.vae.config.downscale:
+        raise ValueError(f"data.resolution {cfg.data.resolution} is not a multiple of the VAE factor "
+                         f"{parts.vae.config.downscale}")
+    parts.unet.train()
+    return parts

@@ -1,0 +1,50 @@
+"""The denoising objective: noise the latents at a random timestep, regress eps or v.
+
+Optional pieces, each off by default: min-SNR-gamma weighting (Hang et al. 2023), which stops the
+low-noise timesteps from dominating the gradient; noise offset (a per-channel constant in the noise),
+which lets a model learn to change the overall brightness of an image.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .order import StepDraws
+
+
+def noised_inputs(latents: torch.Tensor, alphas_cumprod: torch.Tensor, draws: StepDraws, num_timesteps: int,
+                  prediction_type: str, noise_offset: float = 0.0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, target, alpha_bar_t) for a batch of scaled latents; the draws are taken in a fixed order."""
+    b, c = latents.shape[:2]
+    t = draws.randint(num_timesteps).to(latents.device)
+    noise = draws.randn(*latents.shape[1:]).to(latents.device, latents.dtype)
+    if noise_offset:
+        noise = noise + noise_offset * draws.randn(c, 1, 1).to(latents.device, latents.dtype)
+    abar = alphas_cumprod.to(latents.device)[t].float()
+    a = abar.sqrt().view(b, 1, 1, 1).to(latents.dtype)
+    s = (1 - abar).sqrt().view(b, 1, 1, 1).to(latents.dtype)
+    x_t = a * latents + s * noise
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = a * noise - s * latents
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    return x_t, t, target, abar
+
+
+def min_snr_weights(abar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """min(SNR, gamma) / SNR for eps targets; / (SNR + 1) for v targets, whose loss already carries SNR + 1."""
+    snr = abar / (1 - abar)
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, abar: torch.Tensor, prediction_type: str,
+                   min_snr_gamma: float | None = None) -> torch.Tensor:
+    """Mean squared error per sample (in fp32), optionally min-SNR weighted, averaged over the batch."""
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    if min_snr_gamma is not None:
+        per_sample = per_sample * min_snr_weights(abar, min_snr_gamma, prediction_type)
+    return per_sample.mean()

@@ -1,0 +1,93 @@
+"""YAML -> typed dataclasses: overrides, unknown keys and bad values named in one-line errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ldm.train.config import OptimConfig, UNetStageConfig, VAEStageConfig, load_config
+from ldm.train.config_io import to_dict
+from ldm.train.optim import lr_factor
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_map_onto_typed_fields(tmp_path):
+    path = write(tmp_path, """
+stage: unet
+vae: /some/vae
+unet: {block_out_channels: [32, 64], attention_levels: [true, false], num_heads: [2, 4]}
+schedule: {prediction_type: v_prediction}
+optim: {learning_rate: 1e-4}
+train: {batch_size: 4}
+""")
+    cfg = load_config(path, ["train.batch_size=8", "unet.block_out_channels=[16,32]", "diffusion.min_snr_gamma=5",
+                             "validation.prompts=[a cat, a dog]", "data.path=/d"])
+    assert isinstance(cfg, UNetStageConfig)
+    assert cfg.train.batch_size == 8 and cfg.unet.block_out_channels == [16, 32] and cfg.unet.num_heads == [2, 4]
+    assert cfg.optim.learning_rate == pytest.approx(1e-4)  # YAML reads "1e-4" as a string; still a float here
+    assert isinstance(cfg.diffusion.min_snr_gamma, float) and cfg.diffusion.min_snr_gamma == 5.0
+    assert cfg.schedule.prediction_type == "v_prediction"
+    assert cfg.validation.prompts == ["a cat", "a dog"] and cfg.data.path == "/d"
+    # YAML 1.2 booleans: `no` stays the string accelerate expects, not False
+    assert load_config(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    text = "stage: unet\nvae: v\ntrain: {mixed_precision: no, progress: false}\n"
+    assert load_config(write(tmp_path, text)).train.progress is False
+    # the dict form round-trips
+    assert to_dict(load_config(None, base=to_dict(cfg))) == to_dict(cfg)
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("stage: unet\nvae: v\ntrain: {batch_sise: 2}\n", [], "unknown config key 'train.batch_sise'"),
+    ("stage: unet\nvae: v\nunet: {chanels: 3}\n", [], "unknown config key 'unet.chanels'"),
+    ("stage: unet\nvae: v\nbogus: 1\n", [], "unknown config key 'bogus'"),
+    ("stage: unet\nvae: v\n", ["data.nope=1"], "unknown config key 'data.nope'"),
+    ("stage: unet\nvae: v\n", ["train.batch_size=two"], "train.batch_size: expected an integer"),
+    ("stage: unet\nvae: v\n", ["train.mixed_precision=fp8"], "train.mixed_precision must be one of"),
+    ("stage: unet\nvae: v\n", ["train.max_steps=0"], "train.max_steps must be > 0"),
+    ("stage: unet\nvae: v\n", ["schedule.prediction_type=x0"], "prediction_type"),
+    ("stage: unet\nvae: v\n", ["train=3"], "train: expected a mapping"),
+    ("stage: unet\nvae: v\ntrain: {batch_size: 2}\n", ["train.batch_size.x=3"], "'train.batch_size' is not a section"),
+    ("stage: unet\nvae: v\n", ["train.batch_size.x=3"], "train.batch_size: expected an integer, got {'x': 3}"),
+    ("stage: unet\nvae: v\n", ["noequals"], "--set expects key=value"),
+    ("stage: gan\n", [], "unknown stage 'gan'"),
+    ("stage: unet\n", [], "needs 'vae'"),
+    ("stage: vae\ndata: {resolution: 30}\nvae: {block_out_channels: [8, 16, 16]}\n", [],
+     "multiple of the VAE factor 4"),
+    ("- a\n- b\n", [], "top level must be a mapping"),
+    ("stage: [unet\n", [], "not valid YAML"),
+])
+def test_bad_configs_fail_with_one_line_naming_the_key(tmp_path, text, overrides, message):
+    with pytest.raises(ValueError) as e:
+        load_config(write(tmp_path, text), overrides)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_shipped_configs_load():
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"default_vae.yaml", "default_unet.yaml"}
+    for path in configs:
+        cfg = load_config(path)
+        assert isinstance(cfg, (UNetStageConfig, VAEStageConfig)), path
+    unet = load_config(REPO / "configs" / "default_unet.yaml")
+    assert unet.unet.cross_attention_dim == 384 and unet.text_encoder.kind == "minilm"
+    vae = load_config(REPO / "configs" / "default_vae.yaml")
+    assert vae.vae.latent_channels == unet.unet.in_channels == 4
+
+
+def test_lr_schedule_warmup_then_decay():
+    cos = OptimConfig(warmup_steps=4, decay="cosine", min_lr_ratio=0.1)
+    assert [lr_factor(s, cos, 12) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, cos, 12) == pytest.approx(1.0)
+    assert lr_factor(8, cos, 12) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert lr_factor(12, cos, 12) == pytest.approx(0.1) and lr_factor(50, cos, 12) == pytest.approx(0.1)
+    lin = OptimConfig(decay="linear")
+    assert lr_factor(5, lin, 10) == pytest.approx(0.5)
+    assert lr_factor(7, OptimConfig(), 10) == 1.0

@@ -1,0 +1,87 @@
+"""The stage-2 objective and EMA against diffusers' training utilities.
+
+Tolerance: 1e-6 max abs (fp32; the same formulas, evaluated in a possibly different order).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.schedule import NoiseSchedule
+from ldm.train.diffusion_loss import diffusion_loss, min_snr_weights, noised_inputs
+from ldm.train.order import StepDraws
+
+TOL = 1e-6
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "squaredcos_cap_v2"])
+def test_noised_inputs_match_diffusers_scheduler(prediction_type, beta_schedule):
+    from diffusers import DDPMScheduler
+
+    schedule = NoiseSchedule(beta_schedule=beta_schedule, prediction_type=prediction_type)
+    ref = DDPMScheduler(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012,
+                        prediction_type=prediction_type)
+    latents = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_t, t, target, abar = noised_inputs(latents, schedule.alphas_cumprod, StepDraws(0, 3, 6, 1, 0), 1000,
+                                         prediction_type)
+    # the same draws, in the same order, that noised_inputs takes
+    draws = StepDraws(0, 3, 6, 1, 0)
+    t_ref, noise = draws.randint(1000), draws.randn(4, 8, 8)
+    assert torch.equal(t, t_ref)
+    assert (x_t - ref.add_noise(latents, noise, t)).abs().max() <= TOL
+    expected = noise if prediction_type == "epsilon" else ref.get_velocity(latents, noise, t)
+    assert (target - expected).abs().max() <= TOL
+    assert (abar - ref.alphas_cumprod[t]).abs().max() <= TOL
+
+
+def test_noise_offset_adds_a_per_channel_constant():
+    latents = torch.zeros(2, 4, 8, 8)
+    ac = NoiseSchedule().alphas_cumprod
+    plain = noised_inputs(latents, ac, StepDraws(0, 0, 2, 1, 0), 1000, "epsilon")[2]
+    offset = noised_inputs(latents, ac, StepDraws(0, 0, 2, 1, 0), 1000, "epsilon", noise_offset=0.1)[2]
+    shift = offset - plain
+    assert shift.abs().max() > 0
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift))  # constant over each channel's pixels
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_diffusers_recipe(prediction_type):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([0, 10, 250, 500, 999])
+    snr = compute_snr(ref, t)
+    # diffusers' train_text_to_image.py: min(snr, gamma) / snr, or / (snr + 1) for v-prediction
+    expected = torch.stack([snr, 5.0 * torch.ones_like(t)], dim=1).min(dim=1)[0]
+    expected = expected / (snr + 1) if prediction_type == "v_prediction" else expected / snr
+    got = min_snr_weights(NoiseSchedule().alphas_cumprod[t], 5.0, prediction_type)
+    assert torch.allclose(got, expected, rtol=1e-5)
+    # and the loss applies them per sample
+    pred, target = torch.ones(5, 2), torch.zeros(5, 2)
+    abar = NoiseSchedule().alphas_cumprod[t]
+    assert diffusion_loss(pred, target, abar, prediction_type, 5.0).item() == pytest.approx(got.mean().item(), rel=1e-6)
+    assert diffusion_loss(pred, target, abar, prediction_type).item() == 1.0
+
+
+def test_ema_matches_diffusers_ema_model():
+    from diffusers.training_utils import EMAModel
+
+    from ldm.train.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    ours = EMA(model, decay=0.99, warmup=True)
+    ref = EMAModel(model.parameters(), decay=0.99, use_ema_warmup=False)  # diffusers' default ramp (1+n)/(10+n)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update(model)
+        ref.step(model.parameters())
+    for (name, _), shadow in zip(model.named_parameters(), ref.shadow_params):
+        assert (ours.shadow[name] - shadow).abs().max() <= TOL, name
+    restored = EMA(model, decay=0.99)
+    restored.load_state_dict(ours.state_dict())
+    assert restored.num_updates == 5 and all(torch.equal(restored.shadow[k], v) for k, v in ours.shadow.items())
