@@ -18,6 +18,14 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-skip", type=int, help="use the output of the k-th-from-last CLIP layer (diffusers' meaning)")
     p.add_argument("--lora", type=_lora_option, action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA file into the U-Net (repeatable)")
+    perf = p.add_argument_group("speed and memory (opt-in)")
+    perf.add_argument("--vae-tiling", action="store_true", help="decode/encode large images in overlapping tiles")
+    perf.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
+    perf.add_argument("--channels-last", action="store_true")
+    perf.add_argument("--fuse-qkv", action="store_true", help="one matmul for attention projections")
+    perf.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first call)")
+    perf.add_argument("--step-cache", type=int, metavar="N",
+                      help="DeepCache-style: full U-Net every N-th call (changes the output)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
 
@@ -109,6 +117,13 @@ def _load_pipeline(args: argparse.Namespace):
 
     for path, scale in args.lora:
         apply_lora(pipe.parts.unet, path, scale)
+    if args.vae_tiling:
+        pipe.enable_vae_tiling()
+    if args.vae_slicing:
+        pipe.enable_vae_slicing()
+    if args.step_cache:
+        pipe.enable_step_cache(args.step_cache)
+    pipe.optimize(channels_last=args.channels_last, fuse_qkv=args.fuse_qkv, compile=args.compile)
     pipe.progress = not args.quiet
     return pipe
 

@@ -5,6 +5,7 @@ VAE posterior sample first), so the same seed gives diffusers' image on any devi
 """
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -15,9 +16,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .attention import configure_attention
 from .denoiser import classifier_free_guidance, make_denoiser
 from .model_io import ModelParts, load_model
 from .samplers import SAMPLERS, SamplingPlan, add_noise, plan_sampling, sample
+from .unet import StepCache
+from .vae_tiling import VaeTiling, decode_latents, encode_images
 
 
 class GenerationError(RuntimeError):
@@ -66,6 +70,10 @@ class Pipeline:
         self.parts = parts.to(device, dtype)
         self.device, self.dtype = torch.device(device), dtype
         self.progress = True
+        # opt-in performance switches, all off by default (outputs then match diffusers'): see below
+        self.vae_tiling: VaeTiling | None = None
+        self.vae_slicing = False
+        self.step_cache_interval: int | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -80,6 +88,51 @@ class Pipeline:
     def vae_scale_factor(self) -> int:
         return self.parts.vae.config.downscale
 
+    # -- opt-in performance switches -----------------------------------------------------------
+    def enable_vae_tiling(self, tile: int = 512, overlap: int = 128) -> None:
+        """Encode and decode in overlapping tiles of `tile` pixels, so peak memory no longer grows
+        with the image. An approximation (see ldm/vae_tiling.py); an image within one tile is exact.
+        The default overlap of 128 px (16 latents) covers most of the SD decoder's receptive field."""
+        tiling = VaeTiling(tile, overlap)
+        tiling.check(self.vae_scale_factor)
+        self.vae_tiling = tiling
+
+    def disable_vae_tiling(self) -> None:
+        self.vae_tiling = None
+
+    def enable_vae_slicing(self) -> None:
+        """Run the VAE on one image of a batch at a time (same result, batch-size-independent memory)."""
+        self.vae_slicing = True
+
+    def disable_vae_slicing(self) -> None:
+        self.vae_slicing = False
+
+    def enable_step_cache(self, interval: int = 3) -> None:
+        """DeepCache-style reuse of deep U-Net features: a full U-Net every `interval` model calls,
+        the shallow path in between. Changes the output; scripts/sampler_error.py measures by how much."""
+        StepCache(interval)  # validates
+        self.step_cache_interval = interval
+
+    def disable_step_cache(self) -> None:
+        self.step_cache_interval = None
+
+    def optimize(self, *, channels_last: bool = False, fuse_qkv: bool = False, compile: bool = False,
+                 attention_chunk: int | None = None) -> None:
+        """Set the output-preserving speed/memory options of the U-Net and VAE (each within 1e-5 of the
+        default; tests/test_perf_options.py); options left at their defaults are switched off again,
+        except compile, which cannot be undone. Checkpoint keys are untouched.
+
+        channels_last: NHWC convolutions. fuse_qkv: one matmul for the attention projections, from a
+        concatenated copy of their weights (rebuilt when they change). attention_chunk: attend that
+        many query tokens at a time, bounding attention memory. compile: torch.compile the U-Net
+        in place (`nn.Module.compile`), so state_dict keys keep their names."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        for model in (self.parts.unet, self.parts.vae):
+            model.to(memory_format=fmt)
+            configure_attention(model, query_chunk=attention_chunk, fuse_projections=fuse_qkv)
+        if compile:
+            self.parts.unet.compile()
+
     # -- shared pieces -------------------------------------------------------------------------
     def _text_states(self, prompts: list[str], negatives: list[str] | None, per_prompt: int,
                      guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -91,12 +144,18 @@ class Pipeline:
         expand = lambda s: s.repeat_interleave(per_prompt, dim=0).to(self.device, self.dtype)  # noqa: E731
         return expand(cond), (expand(uncond) if uncond is not None else None)
 
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.parts.unet(x.to(self.dtype), t.to(self.device), context)
+    def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+              cache: StepCache | None = None) -> torch.Tensor:
+        if cache is None:
+            return self.parts.unet(x.to(self.dtype), t.to(self.device), context)
+        return self.parts.unet(x.to(self.dtype), t.to(self.device), context, cache=cache)
 
     def _run_sampler(self, name: str, x: torch.Tensor, plan: SamplingPlan, cond, uncond, guidance_scale: float,
                      guidance_rescale: float, eta: float, generator: torch.Generator) -> torch.Tensor:
-        model_fn = classifier_free_guidance(self._unet, cond, uncond, guidance_scale, guidance_rescale)
+        unet = self._unet
+        if self.step_cache_interval is not None:  # a fresh cache per run: features of another run are stale
+            unet = functools.partial(self._unet, cache=StepCache(self.step_cache_interval))
+        model_fn = classifier_free_guidance(unet, cond, uncond, guidance_scale, guidance_rescale)
         denoiser = make_denoiser(model_fn, self.parts.schedule, plan)
         bar = tqdm(total=plan.steps, desc="sampling", unit="step", disable=not self.progress, leave=False)
 
@@ -117,11 +176,11 @@ class Pipeline:
         vae = self.parts.vae
         with torch.inference_mode():
             z = vae.unscale_latents(latents)
-            images = vae.decode(z.to(self.dtype))
+            images = decode_latents(vae, z.to(self.dtype), self.vae_tiling, self.vae_slicing)
             if not torch.isfinite(images).all() and self.dtype != torch.float32:
                 vae.float()
                 try:
-                    images = vae.decode(z.float())
+                    images = decode_latents(vae, z.float(), self.vae_tiling, self.vae_slicing)
                 finally:
                     vae.to(self.dtype)
             if not torch.isfinite(images).all():
@@ -205,7 +264,8 @@ class Pipeline:
         plan = plan_sampling(self.parts.schedule, sampler, num_inference_steps, karras=karras, strength=strength)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] * 2 - 1
         with torch.inference_mode():
-            posterior = self.parts.vae.encode(pixels.to(self.device, self.dtype))
+            posterior = encode_images(self.parts.vae, pixels.to(self.device, self.dtype), self.vae_tiling,
+                                      self.vae_slicing)
             init = self.parts.vae.scale_latents(posterior.sample(gen).float())
         init = init.repeat(len(prompts) * num_images_per_prompt, 1, 1, 1)
         noise = torch.randn(init.shape, generator=gen, dtype=torch.float32).to(self.device)

@@ -117,6 +117,34 @@ class UpBlock(nn.Module):
         return x
 
 
+@dataclass
+class StepCache:
+    """Opt-in DeepCache-style step caching (Ma et al. 2023). It changes the output.
+
+    Adjacent sampling steps produce nearly the same deep U-Net features. So every `interval`-th call
+    runs the whole U-Net and keeps the input of the last up block. The calls in between run only
+    conv_in, the first down block and the last up block on top of that cached input. Use one
+    StepCache per sampling run: `calls` counts the U-Net calls of that run.
+    """
+    interval: int = 3
+    calls: int = 0
+    deep: torch.Tensor | None = None
+    full_calls: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"step cache interval must be an integer >= 1, got {self.interval!r}")
+
+    def next_is_shallow(self, h: torch.Tensor) -> bool:
+        """Whether this call may reuse the cache; `h` (conv_in's output) guards against a batch or size change."""
+        refresh = self.calls % self.interval == 0
+        self.calls += 1
+        if refresh or self.deep is None or self.deep.shape[0] != h.shape[0] or self.deep.shape[2:] != h.shape[2:]:
+            self.full_calls += 1
+            return False
+        return True
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
@@ -165,7 +193,8 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
+                cache: StepCache | None = None) -> torch.Tensor:
         cfg = self.config
         t = torch.as_tensor(t, device=x.device)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
@@ -174,6 +203,8 @@ class UNet(nn.Module):
 
         h = self.conv_in(x)
         skips = [h]
+        if cache is not None and cache.next_is_shallow(h):
+            return self._shallow(skips, temb, context, cache)
         for block in self.down_blocks:
             h, block_skips = self._run(block, h, temb, context)
             skips += block_skips
@@ -183,6 +214,17 @@ class UNet(nn.Module):
             block_skips, skips = skips[-n:], skips[:-n]
             # the next level's skip fixes the upsampled size when latents are not a power-of-two multiple
             size = tuple(skips[-1].shape[-2:]) if skips and block.upsamplers is not None else None
+            if cache is not None and block is self.up_blocks[-1]:
+                cache.deep = h
             h = self._run(block, h, block_skips, temb, context, size)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+    def _shallow(self, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor,
+                 cache: StepCache) -> torch.Tensor:
+        """A cached step: the first down block feeds the skips of the last up block, whose other input
+        comes from the cache. (The first block's downsampler also runs; only the deep path needs it.)"""
+        _, block_skips = self._run(self.down_blocks[0], skips[0], temb, context)
+        skips = (skips + block_skips)[:len(self.up_blocks[-1].resnets)]
+        h = self._run(self.up_blocks[-1], cache.deep, skips, temb, context, None)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 

