@@ -17,13 +17,7 @@ from test_train_common import (assert_identical, checkpoint_state, ldm_train_cmd
                                unet_stage, write_yaml)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the box is shared and small: two intra-op threads fighting other jobs run ~10x slower than one
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # every optional piece switched on, so that each of them is covered by the exactness check

@@ -9,12 +9,7 @@ import torch
 from test_train_common import assert_identical, checkpoint_state, run_training, unet_stage, vae_stage
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_vae_stage_writes_a_loadable_folder_with_measured_scaling_factor(tmp_path):
