@@ -1,0 +1,47 @@
+"""The embedded default model: present in the package, loads offline, and draws what it is asked.
+
+These run the real shipped weights (a few seconds on CPU): a prompt's colour and shape are read
+back from the pixels with the shapes evaluator.
+"""
+import numpy as np
+import pytest
+
+from ldm.cli import main
+from ldm.default_model import default_model_path
+from ldm.pipeline import Pipeline
+from ldm.shapes import ShapeObject
+from ldm.shapes_eval import detect_objects
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = Pipeline.from_pretrained(None)
+    p.progress = False
+    return p
+
+
+def test_shipped_weights_are_small_and_text_encoder_comes_from_its_package():
+    root = default_model_path()
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    assert size < 50 * 2**20
+    assert not list((root / "text_encoder").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("colour,shape", [("red", "circle"), ("blue", "square"), ("yellow", "triangle")])
+def test_generates_the_prompted_object(pipe, colour, shape):
+    hits = 0
+    for seed in range(4):
+        image = pipe(f"a large {colour} {shape}", seed=seed, output_type="np").images[0]
+        found = detect_objects(image)
+        hits += any(o.colour == colour and o.shape == shape for o in found)
+    assert hits >= 3, f"only {hits}/4 images showed a {colour} {shape}"
+
+
+def test_readme_first_command_writes_an_image(tmp_path, capsys):
+    out = tmp_path / "circle.png"
+    assert main(["generate", "a red circle to the left of a blue square", "--out", str(out), "--quiet"]) == 0
+    from PIL import Image
+    image = np.asarray(Image.open(out).convert("RGB"))
+    assert image.shape == (64, 64, 3)
+    colours = {o.colour for o in detect_objects(image)}
+    assert {"red", "blue"} <= colours
