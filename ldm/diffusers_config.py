@@ -66,7 +66,7 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
         use_linear_projection=bool(cfg.get("use_linear_projection", False)),
         norm_num_groups=cfg.get("norm_num_groups", 32), norm_eps=cfg.get("norm_eps", 1e-5),
         flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=cfg.get("freq_shift", 0),
-        sample_size=_single(cfg.get("sample_size", 64), "sample_size"),
+        sample_size=_single(cfg.get("sample_size") or 64, "sample_size"),
         upcast_attention=bool(cfg.get("upcast_attention", False)),
     )
 
