@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import SpatialTransformer
 from .layers import Downsample, ResnetBlock, TimestepEmbedding, Upsample, timestep_embedding
+from .winograd import Conv2d
 
 
 @dataclass
@@ -157,7 +158,7 @@ class UNet(nn.Module):
         last = len(chs) - 1
         self.gradient_checkpointing = False
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chs[0], temb_dim)
 
         self.down_blocks = nn.ModuleList()
@@ -186,7 +187,7 @@ class UNet(nn.Module):
             prev = ch
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, chs[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(chs[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(chs[0], cfg.out_channels, 3, padding=1)
 
     def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and self.training:

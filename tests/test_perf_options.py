@@ -1,5 +1,5 @@
-"""Opt-in speed and memory options: fused QKV, channels_last, query-chunked attention, torch.compile
-and DeepCache-style step caching.
+"""Opt-in speed and memory options: fused QKV, channels_last, query-chunked attention, Winograd
+convolutions, torch.compile and DeepCache-style step caching.
 
 The first four must not change the output. The bound is 1e-5 max abs difference on the U-Net or
 VAE output (fp32), the same bound as our equivalence with diffusers; only the order of operations
@@ -27,6 +27,7 @@ from ldm.pipeline import Pipeline
 from ldm.samplers import plan_sampling
 from ldm.unet import StepCache, UNet, UNetConfig
 from ldm.weights import load_state_dict_checked
+from ldm.winograd import configure_convolutions
 from tiny import tiny_unet, tiny_vae, write_tiny_sd_folder
 
 TOL = 1e-5
@@ -61,6 +62,8 @@ def test_fused_qkv_channels_last_and_chunking_keep_the_unet_output(variant):
         assert (unet(x, t, ctx) - want).abs().max().item() <= TOL
         configure_attention(unet, query_chunk=100)  # 384 tokens at the first level: 4 chunks
         assert (unet(x, t, ctx) - want).abs().max().item() <= TOL
+        assert configure_convolutions(unet, winograd=True) > 0
+        assert (unet(x, t, ctx) - want).abs().max().item() <= TOL
 
 
 def test_vae_options_keep_the_decode():
@@ -70,6 +73,8 @@ def test_vae_options_keep_the_decode():
         want = vae.decode(z)
         configure_attention(vae, query_chunk=64, fuse_projections=True)  # the biased single-head variant
         vae.to(memory_format=torch.channels_last)
+        assert (vae.decode(z) - want).abs().max().item() <= TOL
+        configure_convolutions(vae, winograd=True)
         assert (vae.decode(z) - want).abs().max().item() <= TOL
 
 
@@ -161,7 +166,7 @@ def test_pipeline_optimize_keeps_the_output(pipe):
     try:
         pipe.optimize()  # everything off: bit-identical
         assert torch.equal(pipe(**KW, output_type="latent").images, default)
-        pipe.optimize(channels_last=True, fuse_qkv=True, attention_chunk=64)
+        pipe.optimize(channels_last=True, fuse_qkv=True, attention_chunk=64, winograd=True)
         got = pipe(**KW, output_type="latent").images
         assert (got - default).abs().max().item() <= 1e-4  # the pipeline's latent bound against diffusers
     finally:

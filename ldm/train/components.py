@@ -6,9 +6,12 @@ import json
 import logging
 from pathlib import Path
 
+from torch import nn
+
 from ..autoencoder import AutoencoderKL
 from ..diffusers_config import upgrade_legacy_vae_keys, vae_config_from_diffusers
 from ..model_io import ModelParts, load_model
+from ..attention import SpatialTransformer
 from ..text import load_text_encoder
 from ..unet import UNet
 from ..weights import CheckpointError, load_state_dict_checked, read_safetensors
@@ -34,6 +37,36 @@ def load_vae_folder(path: Path | str) -> AutoencoderKL:
     state = upgrade_legacy_vae_keys(read_safetensors(folder / VAE_WEIGHTS)[0])
     load_state_dict_checked(vae, {k: v.float() for k, v in state.items()}, "vae")
     return vae.eval().requires_grad_(False)
+
+
+def warm_start_unet(unet: UNet, source: Path | str) -> list[str]:
+    """Copies the U-Net of the model at `source` into `unet`, which may add attention blocks.
+
+    Each added block's output projection is zeroed: a SpatialTransformer returns `x + proj_out(...)`,
+    so it starts as the identity and `unet` computes exactly what the source U-Net did. Any other
+    difference (a changed width, a missing resnet, an unknown key) is an error. Returns the names of
+    the added blocks.
+    """
+    state = load_model(source).unet.state_dict()
+    expected = unet.state_dict()
+    for key, tensor in state.items():
+        if key not in expected or expected[key].shape != tensor.shape:
+            have = tuple(expected[key].shape) if key in expected else "no such key"
+            raise CheckpointError(f"warm_start {source}: '{key}' {tuple(tensor.shape)} does not fit this U-Net "
+                                  f"({have}); only added attention levels can differ")
+    missing = {k for k in expected if k not in state}
+    added = [name for name, m in unet.named_modules()
+             if isinstance(m, SpatialTransformer) and any(k.startswith(name + ".") for k in missing)]
+    uncovered = sorted(k for k in missing if not any(k.startswith(name + ".") for name in added))
+    if uncovered:
+        raise CheckpointError(f"warm_start {source}: this U-Net's '{uncovered[0]}' is not in the source and not part "
+                              f"of an added attention block")
+    unet.load_state_dict(state, strict=False)
+    for name in added:
+        proj_out = unet.get_submodule(name).proj_out
+        nn.init.zeros_(proj_out.weight)
+        nn.init.zeros_(proj_out.bias)
+    return added
 
 
 def build_parts(cfg: UNetStageConfig, name: str) -> ModelParts:
@@ -62,7 +95,12 @@ def build_parts(cfg: UNetStageConfig, name: str) -> ModelParts:
                              f"has {lc} latent channels")
         # the size `ldm generate` uses by default is the training size
         ucfg.sample_size = cfg.data.resolution // vae.config.downscale
-        parts = ModelParts(UNet(ucfg), vae, text, cfg.schedule, name, "")
+        unet = UNet(ucfg)
+        if cfg.warm_start is not None:
+            added = warm_start_unet(unet, cfg.warm_start)
+            logger.info("U-Net warm-started from %s; new attention blocks (identity at start): %s",
+                        cfg.warm_start, ", ".join(added) or "none")
+        parts = ModelParts(unet, vae, text, cfg.schedule, name, "")
     if cfg.data.resolution % parts.vae.config.downscale:
         raise ValueError(f"data.resolution {cfg.data.resolution} is not a multiple of the VAE factor "
                          f"{parts.vae.config.downscale}")

@@ -148,6 +148,9 @@ class UNetStageConfig:
     vae: str | None = None  # a VAE folder (config.json + weights) or a model folder with vae/
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)  # ignored with init_from
+    # a trained model folder whose U-Net starts this one (continue training into a larger U-Net);
+    # attention blocks that `unet` adds start as the identity, so step 0 reproduces that model
+    warm_start: str | None = None
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)  # ignored with init_from
     data: DataConfig = field(default_factory=DataConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
@@ -162,6 +165,8 @@ class UNetStageConfig:
     def __post_init__(self) -> None:
         if self.init_from is None and self.vae is None:
             raise ValueError("a unet-stage config needs 'vae' (a trained VAE folder) or 'init_from' (a whole model)")
+        if self.warm_start is not None and self.init_from is not None:
+            raise ValueError("warm_start and init_from exclude each other: init_from already starts from a model")
         if self.lora.enabled and self.init_from is None:
             raise ValueError("lora.enabled needs init_from: LoRA adapts an existing model")
         if self.cache_latents and not self.data.center_crop:

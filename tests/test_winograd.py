@@ -1,0 +1,79 @@
+"""Winograd F(2x2, 3x3) convolutions: equal to conv2d up to fp32 rounding, for every shape and
+memory format they accept, and out of the way wherever they do not apply."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.winograd import Conv2d, configure_convolutions
+
+# relative to the output's scale; measured ~5e-7 (the transforms are exact in binary, the products round)
+REL_TOL = 5e-6
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 16, 16), (1, 3, 7, 9), (2, 5, 1, 1), (1, 4, 2, 3), (3, 16, 6, 4)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_conv2d(shape, channels_last, bias):
+    g = torch.Generator().manual_seed(sum(shape))
+    conv = Conv2d(shape[1], 6, 3, padding=1, bias=bias)
+    x = torch.randn(*shape, generator=g) * 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        conv.winograd = True
+        got = conv(x)
+    assert got.shape == want.shape
+    assert _relative_error(got, want) <= REL_TOL
+    if channels_last and shape[2] % 2 == 0 and shape[3] % 2 == 0:
+        assert got.is_contiguous(memory_format=torch.channels_last)  # the next layer keeps its format
+
+
+def test_winograd_path_is_taken_and_follows_weight_changes(monkeypatch):
+    import ldm.winograd as w
+
+    calls = []
+    monkeypatch.setattr(w, "winograd_conv3x3", lambda *a: calls.append(1) or F.conv2d(a[0], conv.weight, a[2], padding=1))
+    conv = Conv2d(4, 4, 3, padding=1)
+    configure_convolutions(nn.Sequential(conv), winograd=True)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        conv(x)
+        kernel = conv._kernel
+        conv(x)
+        assert conv._kernel is kernel  # cached
+        conv.weight.mul_(2)  # an optimizer step or load_state_dict: in place
+        conv(x)
+        assert conv._kernel is not kernel
+        torch.testing.assert_close(conv._kernel, w.transform_kernel(conv.weight))
+    assert len(calls) == 3
+
+
+def test_other_cases_take_the_ordinary_path():
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    conv = Conv2d(4, 4, 3, padding=1)
+    strided = Conv2d(4, 4, 3, stride=2, padding=1)
+    configure_convolutions(nn.Sequential(conv, strided), winograd=True)
+    out = conv(x)  # gradients on (training): ordinary path, gradients flow
+    out.sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+    with torch.no_grad():
+        assert torch.equal(strided(x), F.conv2d(x, strided.weight, strided.bias, stride=2, padding=1))
+        conv16 = conv.to(torch.bfloat16)  # reduced precision: the transforms would round, so not used
+        assert torch.equal(conv16(x.bfloat16()), F.conv2d(x.bfloat16(), conv16.weight, conv16.bias, padding=1))
+
+
+def test_state_dict_keys_are_those_of_nn_conv2d():
+    ours, theirs = Conv2d(3, 5, 3, padding=1), nn.Conv2d(3, 5, 3, padding=1)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    configure_convolutions(ours, winograd=True)
+    with torch.no_grad():
+        ours(torch.randn(1, 3, 4, 4))
+    assert ours.state_dict().keys() == theirs.state_dict().keys()  # the cached kernel is not saved
