@@ -28,41 +28,63 @@ def transform_kernel(weight: torch.Tensor) -> torch.Tensor:
     return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
+# Where Winograd pays, measured per layer on a 2-core AVX2 CPU (docs/BENCHMARKS.md): its transforms
+# cost O(C * H * W) and it saves O(C_in * C_out * H * W), so it wins on deep, small maps (1.3x at
+# 320 channels on 32x32, 3.4x at 1280 on 8x8) and loses on wide, shallow ones (0.5x for 128 channels
+# on 256x256, where oneDNN's direct kernel is already efficient). A layer outside these bounds takes
+# the ordinary path even with Winograd switched on.
+MIN_CHANNELS = 256
+MAX_PIXELS = 32 * 32
+
+# Bound on each transform buffer. Large feature maps (a VAE decoding 512 px and up) are done in
+# bands of tile rows, so the transient memory stays near this instead of ~4x the input per buffer.
+BAND_BYTES = 32 * 2**20
+
+
 def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """conv2d(x, weight, bias, stride=1, padding=1) with U = transform_kernel(weight).
 
     Keeps x's memory format: a channels_last input gives a channels_last output.
     """
     n, c, h, w = x.shape
+    co = u.shape[2]
     th, tw = (h + 1) // 2, (w + 1) // 2  # odd sizes: compute one extra row/column and crop it
     # NHWC, zero-padded by 1 (plus 1 on the far side for odd sizes): a channels_last input permutes for free
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + 2 * tw - w, 1, 1 + 2 * th - h))
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = x.new_empty((n, 2 * th, 2 * tw, co) if nhwc else (n, co, 2 * th, 2 * tw))
+    shaped_bias = None if bias is None else bias if nhwc else bias[:, None, None, None, None]
+    band = max(1, BAND_BYTES // (16 * n * tw * max(c, co) * x.element_size()))
+    for r0 in range(0, th, band):
+        rows = min(band, th - r0)
+        y = _tile_rows(xp[:, 2 * r0:2 * (r0 + rows) + 2], u, rows, tw)  # [a, b, n, ti, tj, co]
+        # adding the bias and laying the tiles out in output order is one pass, straight into `out`
+        if nhwc:
+            dst, src = out[:, 2 * r0:2 * (r0 + rows)].view(n, rows, 2, tw, 2, co), y.permute(2, 3, 0, 4, 1, 5)
+        else:
+            dst, src = out[:, :, 2 * r0:2 * (r0 + rows)].view(n, co, rows, 2, tw, 2), y.permute(2, 5, 3, 0, 4, 1)
+        torch.add(src, shaped_bias, out=dst) if bias is not None else dst.copy_(src)
+    if nhwc:
+        return out[:, :h, :w].permute(0, 3, 1, 2)
+    return out[:, :, :h, :w] if (2 * th, 2 * tw) != (h, w) else out
+
+
+def _tile_rows(xp: torch.Tensor, u: torch.Tensor, th: int, tw: int) -> torch.Tensor:
+    """Output tiles [2, 2, N, th, tw, C_out] of the padded NHWC rows `xp` (2 * th + 2 of them)."""
+    n, c = xp.shape[0], xp.shape[3]
     tiles = torch.stack([xp[:, p:p + 2 * th:2, q:q + 2 * tw:2, :] for p in range(4) for q in range(4)])
     v = (_IN @ tiles.reshape(16, -1)).reshape(16, n * th * tw, c)
     m = torch.bmm(v, u)  # [16, tiles, C_out]: the only O(C_in * C_out) work
-    co = u.shape[2]
-    y = (_OUT @ m.reshape(16, -1)).reshape(2, 2, n, th, tw, co)  # [row in tile, col in tile, n, ti, tj, co]
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        y = _add_bias_contiguous(y.permute(2, 3, 0, 4, 1, 5), bias, bias)  # n, ti, a, tj, b, co
-        return y.reshape(n, 2 * th, 2 * tw, co)[:, :h, :w].permute(0, 3, 1, 2)
-    y = y.permute(2, 5, 3, 0, 4, 1)  # n, co, ti, a, tj, b
-    y = _add_bias_contiguous(y, bias, bias[:, None, None, None, None] if bias is not None else None)
-    y = y.reshape(n, co, 2 * th, 2 * tw)
-    return y[:, :, :h, :w] if (2 * th, 2 * tw) != (h, w) else y
+    return (_OUT @ m.reshape(16, -1)).reshape(2, 2, n, th, tw, u.shape[2])
 
-
-def _add_bias_contiguous(y: torch.Tensor, bias: torch.Tensor | None, shaped: torch.Tensor | None) -> torch.Tensor:
-    # one pass that both adds the bias and lays the tiles out in output order (an elementwise op on
-    # a permuted view would keep the permuted strides and need another copy to reshape)
-    out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-    return torch.add(y, shaped, out=out) if bias is not None else out.copy_(y)
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and checkpoint keys) that can run its 3x3 case as Winograd.
 
     Off by default (`winograd = False`); `configure_convolutions` switches it on. It then applies to
-    fp32 CPU inputs without gradients; anything else (training, CUDA, half precision, other kernel
-    shapes) takes the ordinary path. The transformed kernel is cached and rebuilt when the weight
+    fp32 CPU inputs without gradients, on layers where it was measured to pay (MIN_CHANNELS input
+    channels or more, MAX_PIXELS or fewer per map); anything else (training, CUDA, half precision,
+    other kernel shapes) takes the ordinary path. The transformed kernel is cached and rebuilt when the weight
     changes in place (optimizer step, load_state_dict) or is replaced (.to()).
     """
 
@@ -76,7 +98,8 @@ class Conv2d(nn.Conv2d):
         return (self.winograd and not torch.is_grad_enabled() and x.device.type == "cpu"
                 and x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.ndim == 4
                 and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
-                and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros")
+                and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
+                and self.in_channels >= MIN_CHANNELS and x.shape[2] * x.shape[3] <= MAX_PIXELS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._eligible(x):

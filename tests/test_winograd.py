@@ -13,6 +13,15 @@ from ldm.winograd import Conv2d, configure_convolutions
 REL_TOL = 5e-6
 
 
+@pytest.fixture(autouse=True)
+def every_layer(monkeypatch):
+    """These small layers are below the measured pay-off bounds; lift them to test the arithmetic."""
+    import ldm.winograd as w
+
+    monkeypatch.setattr(w, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(w, "MAX_PIXELS", 10**9)
+
+
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max()).item()
 
@@ -70,6 +79,21 @@ def test_other_cases_take_the_ordinary_path():
         assert torch.equal(conv16(x.bfloat16()), F.conv2d(x.bfloat16(), conv16.weight, conv16.bias, padding=1))
 
 
+def test_layers_outside_the_pay_off_bounds_take_the_ordinary_path(monkeypatch):
+    import ldm.winograd as w
+
+    monkeypatch.setattr(w, "MIN_CHANNELS", 8)
+    monkeypatch.setattr(w, "MAX_PIXELS", 64)
+    narrow, wide = Conv2d(4, 4, 3, padding=1), Conv2d(8, 8, 3, padding=1)
+    configure_convolutions(nn.Sequential(narrow, wide), winograd=True)
+    with torch.no_grad():
+        narrow(torch.randn(1, 4, 8, 8))
+        wide(torch.randn(1, 8, 16, 16))  # 256 pixels > 64
+        assert narrow._kernel is None and wide._kernel is None
+        wide(torch.randn(1, 8, 8, 8))
+        assert wide._kernel is not None
+
+
 def test_state_dict_keys_are_those_of_nn_conv2d():
     ours, theirs = Conv2d(3, 5, 3, padding=1), nn.Conv2d(3, 5, 3, padding=1)
     assert ours.state_dict().keys() == theirs.state_dict().keys()
@@ -77,3 +101,22 @@ def test_state_dict_keys_are_those_of_nn_conv2d():
     with torch.no_grad():
         ours(torch.randn(1, 3, 4, 4))
     assert ours.state_dict().keys() == theirs.state_dict().keys()  # the cached kernel is not saved
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_maps_are_done_in_bands_with_the_same_result(monkeypatch, channels_last):
+    import ldm.winograd as w
+
+    conv = Conv2d(4, 3, 3, padding=1)
+    x = torch.randn(2, 4, 13, 10, generator=torch.Generator().manual_seed(3))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    configure_convolutions(conv, winograd=True)
+    with torch.no_grad():
+        whole = conv(x)
+        monkeypatch.setattr(w, "BAND_BYTES", 1)  # one tile row per band: 7 bands
+        banded = conv(x)
+        want = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    # the same arithmetic per tile; only the matmul sizes (and so the BLAS blocking) differ
+    assert _relative_error(banded, whole) <= REL_TOL
+    assert _relative_error(banded, want) <= REL_TOL
