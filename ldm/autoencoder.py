@@ -10,7 +10,7 @@ from torch import nn
 from .attention import Attention
 from .layers import ResnetBlock, Upsample
 from .unet import DownBlock, MidBlock
-from .winograd import Conv2d
+from .conv import Conv2d
 
 
 @dataclass

@@ -23,7 +23,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     perf.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
     perf.add_argument("--channels-last", action="store_true")
     perf.add_argument("--fuse-qkv", action="store_true", help="one matmul for attention projections")
-    perf.add_argument("--winograd", action="store_true", help="3x3 convolutions as Winograd F(2x2,3x3) (fp32 CPU)")
+    perf.add_argument("--winograd", action="store_true",
+                      help="deep 3x3 convolutions as Winograd F(2x2,3x3) (fp32 CPU; holds transformed kernels)")
+    perf.add_argument("--im2col", action="store_true", help="deep 3x3 convolutions on small maps as one GEMM (fp32 CPU)")
     perf.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first call)")
     perf.add_argument("--step-cache", type=int, metavar="N",
                       help="DeepCache-style: full U-Net every N-th call (changes the output)")
@@ -125,7 +127,7 @@ def _load_pipeline(args: argparse.Namespace):
     if args.step_cache:
         pipe.enable_step_cache(args.step_cache)
     pipe.optimize(channels_last=args.channels_last, fuse_qkv=args.fuse_qkv, compile=args.compile,
-                  winograd=args.winograd)
+                  winograd=args.winograd, im2col=args.im2col)
     pipe.progress = not args.quiet
     return pipe
 

@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .attention import configure_attention
-from .winograd import configure_convolutions
+from .conv import configure_convolutions
 from .denoiser import classifier_free_guidance, make_denoiser
 from .model_io import ModelParts, load_model
 from .samplers import SAMPLERS, SamplingPlan, add_noise, plan_sampling, sample
@@ -118,7 +118,8 @@ class Pipeline:
         self.step_cache_interval = None
 
     def optimize(self, *, channels_last: bool = False, fuse_qkv: bool = False, compile: bool = False,
-                 attention_chunk: int | None = None, winograd: bool = False) -> None:
+                 attention_chunk: int | None = None, winograd: bool = False,
+                 im2col: bool = False) -> None:
         """Set the output-preserving speed/memory options of the U-Net and VAE (each within 1e-5 of the
         default; tests/test_perf_options.py); options left at their defaults are switched off again,
         except compile, which cannot be undone. Checkpoint keys are untouched.
@@ -127,12 +128,14 @@ class Pipeline:
         concatenated copy of their weights (rebuilt when they change). attention_chunk: attend that
         many query tokens at a time, bounding attention memory. compile: torch.compile the U-Net
         in place (`nn.Module.compile`), so state_dict keys keep their names. winograd: 3x3 convolutions
-        as Winograd F(2x2, 3x3) for fp32 on the CPU (ldm/winograd.py), 2.25x fewer multiplies."""
+        as Winograd F(2x2, 3x3) for fp32 on the CPU (ldm/winograd.py), 2.25x fewer multiplies, holding
+        the transformed kernels. im2col: deep layers on small maps as one GEMM, no extra memory
+        (ldm/conv.py says which layers take which path)."""
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         for model in (self.parts.unet, self.parts.vae):
             model.to(memory_format=fmt)
             configure_attention(model, query_chunk=attention_chunk, fuse_projections=fuse_qkv)
-            configure_convolutions(model, winograd=winograd)
+            configure_convolutions(model, winograd=winograd, im2col=im2col)
         if compile:
             self.parts.unet.compile()
 

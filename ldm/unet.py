@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import SpatialTransformer
 from .layers import Downsample, ResnetBlock, TimestepEmbedding, Upsample, timestep_embedding
-from .winograd import Conv2d
+from .conv import Conv2d
 
 
 @dataclass

@@ -4,15 +4,14 @@ Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2015). Each 4
 each 3x3 kernel g are transformed (V = B^T d B, U = G g G^T); the convolution becomes 16 independent
 matrix products over channels, M[k] = V[k] @ U[k], and each output tile is A^T M A. The transforms
 have entries 0, +-1/2, +-1, so in fp32 the result differs from a direct convolution by rounding only
-(about 1e-6 relative; tests/test_winograd.py). oneDNN's CPU convolutions on AVX2 have no Winograd
+(about 1e-6 relative; tests/test_conv_paths.py). oneDNN's CPU convolutions on AVX2 have no Winograd
 path, which is why this wins there; on CUDA cuDNN already chooses its own algorithms, so this path is
-CPU-only.
+CPU-only. ldm.conv.Conv2d decides where it is used.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 _BT = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float64)
 _G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
@@ -27,14 +26,6 @@ def transform_kernel(weight: torch.Tensor) -> torch.Tensor:
     u = torch.einsum("ap,oipq,bq->abio", _G, weight.detach().double(), _G)
     return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
-
-# Where Winograd pays, measured per layer on a 2-core AVX2 CPU (docs/BENCHMARKS.md): its transforms
-# cost O(C * H * W) and it saves O(C_in * C_out * H * W), so it wins on deep, small maps (1.3x at
-# 320 channels on 32x32, 3.4x at 1280 on 8x8) and loses on wide, shallow ones (0.5x for 128 channels
-# on 256x256, where oneDNN's direct kernel is already efficient). A layer outside these bounds takes
-# the ordinary path even with Winograd switched on.
-MIN_CHANNELS = 256
-MAX_PIXELS = 32 * 32
 
 # Bound on each transform buffer. Large feature maps (a VAE decoding 512 px and up) are done in
 # bands of tile rows, so the transient memory stays near this instead of ~4x the input per buffer.
@@ -76,46 +67,3 @@ def _tile_rows(xp: torch.Tensor, u: torch.Tensor, th: int, tw: int) -> torch.Ten
     v = (_IN @ tiles.reshape(16, -1)).reshape(16, n * th * tw, c)
     m = torch.bmm(v, u)  # [16, tiles, C_out]: the only O(C_in * C_out) work
     return (_OUT @ m.reshape(16, -1)).reshape(2, 2, n, th, tw, u.shape[2])
-
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters and checkpoint keys) that can run its 3x3 case as Winograd.
-
-    Off by default (`winograd = False`); `configure_convolutions` switches it on. It then applies to
-    fp32 CPU inputs without gradients, on layers where it was measured to pay (MIN_CHANNELS input
-    channels or more, MAX_PIXELS or fewer per map); anything else (training, CUDA, half precision,
-    other kernel shapes) takes the ordinary path. The transformed kernel is cached and rebuilt when the weight
-    changes in place (optimizer step, load_state_dict) or is replaced (.to()).
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.winograd = False
-        self._kernel: torch.Tensor | None = None
-        self._kernel_from: tuple = ()
-
-    def _eligible(self, x: torch.Tensor) -> bool:
-        return (self.winograd and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.ndim == 4
-                and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
-                and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
-                and self.in_channels >= MIN_CHANNELS and x.shape[2] * x.shape[3] <= MAX_PIXELS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._eligible(x):
-            return super().forward(x)
-        state = (self.weight.data_ptr(), self.weight._version)
-        if self._kernel is None or state != self._kernel_from:
-            self._kernel, self._kernel_from = transform_kernel(self.weight), state
-        return winograd_conv3x3(x, self._kernel, self.bias)
-
-
-def configure_convolutions(model: nn.Module, winograd: bool) -> int:
-    """Switches Winograd on or off for every `Conv2d` of `model`; returns how many can use it."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, Conv2d):
-            module.winograd = winograd
-            module._kernel, module._kernel_from = None, ()
-            count += module.kernel_size == (3, 3) and module.stride == (1, 1)
-    return count

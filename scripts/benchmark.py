@@ -8,7 +8,7 @@ torch.cuda.max_memory_allocated on GPU).
     .venv/bin/python scripts/benchmark.py --device cpu --resolution 256 --steps 20 --repeats 3
     .venv/bin/python scripts/benchmark.py --ldm-options winograd,channels_last   # ldm's opt-in options
 
-diffusers always runs with its defaults. `--ldm-options` takes a comma list of winograd,
+diffusers always runs with its defaults. `--ldm-options` takes a comma list of winograd, im2col,
 channels_last, fuse_qkv, compile and step_cache=N (the one that changes the output). Memory that an
 option keeps for the whole session (Winograd's transformed kernels) is reported on its own line,
 since "peak extra memory" is measured per generation, after the warm-up has built it.
@@ -86,18 +86,18 @@ def ldm_pipeline_from(ref, device: str, dtype: torch.dtype):
 def apply_ldm_options(pipe, options: str) -> None:
     """Switches on ldm's options."""
     names = {o.split("=")[0]: o for o in options.split(",") if o}
-    unknown = set(names) - {"winograd", "channels_last", "fuse_qkv", "compile", "step_cache"}
+    unknown = set(names) - {"winograd", "im2col", "channels_last", "fuse_qkv", "compile", "step_cache"}
     if unknown:
         raise SystemExit(f"error: unknown --ldm-options {sorted(unknown)}")
     pipe.optimize(channels_last="channels_last" in names, fuse_qkv="fuse_qkv" in names,
-                  compile="compile" in names, winograd="winograd" in names)
+                  compile="compile" in names, winograd="winograd" in names, im2col="im2col" in names)
     if "step_cache" in names:
         pipe.enable_step_cache(int(names["step_cache"].split("=")[1]))
 
 
 def kept_memory_mb(pipe) -> float:
     """Memory the options keep across generations: Winograd's transformed kernels, built on first use."""
-    from ldm.winograd import Conv2d
+    from ldm.conv import Conv2d
 
     kernels = [m._kernel for model in (pipe.parts.unet, pipe.parts.vae) for m in model.modules()
                if isinstance(m, Conv2d) and m._kernel is not None]
@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--unet-steps", type=int, default=3, help="guided U-Net calls per timing")
     ap.add_argument("--model", help="real SD1.5 weights (diffusers folder) instead of random ones")
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--ldm-options", default="", help="comma list: winograd,channels_last,fuse_qkv,compile,step_cache=N")
+    ap.add_argument("--ldm-options", default="", help="comma list: winograd,im2col,channels_last,fuse_qkv,compile,step_cache=N")
     args = ap.parse_args()
     dtype, device = DTYPES[args.dtype], args.device
 

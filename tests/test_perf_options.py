@@ -27,7 +27,7 @@ from ldm.pipeline import Pipeline
 from ldm.samplers import plan_sampling
 from ldm.unet import StepCache, UNet, UNetConfig
 from ldm.weights import load_state_dict_checked
-from ldm.winograd import configure_convolutions
+from ldm.conv import configure_convolutions
 from tiny import tiny_unet, tiny_vae, write_tiny_sd_folder
 
 TOL = 1e-5
@@ -47,11 +47,12 @@ def unet_inputs(batch=2, size=(16, 24), seed=1):
 
 @pytest.fixture
 def winograd_everywhere(monkeypatch):
-    """The tiny models' layers are below Winograd's measured pay-off bounds; lift them."""
-    import ldm.winograd as w
+    """The tiny models' layers are below the measured pay-off bounds; lift them."""
+    import ldm.conv as c
 
-    monkeypatch.setattr(w, "MIN_CHANNELS", 1)
-    monkeypatch.setattr(w, "MAX_PIXELS", 10**9)
+    monkeypatch.setattr(c, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(c, "WINOGRAD_MAX_PIXELS", 10**9)
+    monkeypatch.setattr(c, "IM2COL_OVER_WINOGRAD_PIXELS", 100)  # both paths run somewhere in the tiny models
 
 
 @pytest.mark.parametrize("variant", ["sd1", "sd2"])
@@ -73,6 +74,8 @@ def test_fused_qkv_channels_last_and_chunking_keep_the_unet_output(variant, wino
         assert (unet(x, t, ctx) - want).abs().max().item() <= TOL
         assert configure_convolutions(unet, winograd=True) > 0
         assert (unet(x, t, ctx) - want).abs().max().item() <= TOL
+        configure_convolutions(unet, winograd=True, im2col=True)
+        assert (unet(x, t, ctx) - want).abs().max().item() <= TOL
 
 
 def test_vae_options_keep_the_decode(winograd_everywhere):
@@ -83,7 +86,7 @@ def test_vae_options_keep_the_decode(winograd_everywhere):
         configure_attention(vae, query_chunk=64, fuse_projections=True)  # the biased single-head variant
         vae.to(memory_format=torch.channels_last)
         assert (vae.decode(z) - want).abs().max().item() <= TOL
-        configure_convolutions(vae, winograd=True)
+        configure_convolutions(vae, winograd=True, im2col=True)
         assert (vae.decode(z) - want).abs().max().item() <= TOL
 
 
@@ -175,7 +178,7 @@ def test_pipeline_optimize_keeps_the_output(pipe, winograd_everywhere):
     try:
         pipe.optimize()  # everything off: bit-identical
         assert torch.equal(pipe(**KW, output_type="latent").images, default)
-        pipe.optimize(channels_last=True, fuse_qkv=True, attention_chunk=64, winograd=True)
+        pipe.optimize(channels_last=True, fuse_qkv=True, attention_chunk=64, winograd=True, im2col=True)
         got = pipe(**KW, output_type="latent").images
         assert (got - default).abs().max().item() <= 1e-4  # the pipeline's latent bound against diffusers
     finally:

@@ -1,10 +1,11 @@
-"""Per-layer time of a 3x3 convolution: oneDNN's direct kernel against ldm's Winograd F(2x2, 3x3).
+"""Per-layer time of a 3x3 convolution: oneDNN's direct kernel against ldm's Winograd F(2x2, 3x3)
+and im2col paths.
 
 The shapes are those of SD1.5's U-Net at 256x256 (batch 2: CFG) and of its VAE decoder at 256x256,
-plus two of the default model's. This is the measurement behind ldm.winograd.MIN_CHANNELS and
-MAX_PIXELS (where the Winograd path switches on); the bounds are lifted here to time every layer.
+plus two of the default model's. This is the measurement behind the bounds in ldm/conv.py (where each
+path switches on); the bounds are lifted here to time every layer.
 
-    .venv/bin/python scripts/winograd_layers.py --threads 2
+    .venv/bin/python scripts/conv_layers.py --threads 2
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 
 import torch
 
-import ldm.winograd as w
+import ldm.conv as c
 
 SHAPES = [  # (channels, height = width, batch)
     (128, 256, 1), (256, 128, 1), (512, 64, 1), (512, 32, 1),  # VAE decoder
@@ -38,20 +39,24 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    w.MIN_CHANNELS, w.MAX_PIXELS = 1, 10**9
-    print("| channels | map | batch | layout | direct (ms) | Winograd (ms) | speed-up |\n|---|---|---|---|---|---|---|")
+    c.MIN_CHANNELS, c.WINOGRAD_MAX_PIXELS, c.IM2COL_MAX_PIXELS = 1, 10**9, 10**9
+    print("| channels | map | batch | layout | direct (ms) | Winograd (ms) | speed-up | im2col (ms) | speed-up |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     with torch.no_grad():
-        for c, hw, n in SHAPES:
-            conv, x = w.Conv2d(c, c, 3, padding=1), torch.randn(n, c, hw, hw)
+        for ch, hw, n in SHAPES:
+            conv, x = c.Conv2d(ch, ch, 3, padding=1), torch.randn(n, ch, hw, hw)
             for layout in ("NCHW", "NHWC"):
                 if layout == "NHWC":
                     conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-                conv.winograd = False
+                c.configure_convolutions(conv)
                 direct = median_ms(lambda: conv(x), args.runs)
-                conv.winograd = True
+                c.configure_convolutions(conv, winograd=True)
                 conv(x)  # builds the transformed kernel
                 wino = median_ms(lambda: conv(x), args.runs)
-                print(f"| {c} | {hw}x{hw} | {n} | {layout} | {direct:.1f} | {wino:.1f} | {direct / wino:.2f}x |", flush=True)
+                c.configure_convolutions(conv, im2col=True)
+                gemm = median_ms(lambda: conv(x), args.runs)
+                print(f"| {ch} | {hw}x{hw} | {n} | {layout} | {direct:.1f} | {wino:.1f} | {direct / wino:.2f}x | "
+                      f"{gemm:.1f} | {direct / gemm:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Winograd F(2x2, 3x3) convolutions: equal to conv2d up to fp32 rounding, for every shape and
-memory format they accept, and out of the way wherever they do not apply."""
+"""The opt-in convolution paths (Winograd F(2x2, 3x3) and im2col GEMM): equal to conv2d up to fp32
+rounding, for every shape and memory format they accept, and out of the way wherever they do not apply."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.winograd import Conv2d, configure_convolutions
+from ldm.conv import Conv2d, configure_convolutions
 
 # relative to the output's scale; measured ~5e-7 (the transforms are exact in binary, the products round)
 REL_TOL = 5e-6
@@ -16,10 +16,10 @@ REL_TOL = 5e-6
 @pytest.fixture(autouse=True)
 def every_layer(monkeypatch):
     """These small layers are below the measured pay-off bounds; lift them to test the arithmetic."""
-    import ldm.winograd as w
+    import ldm.conv as c
 
-    monkeypatch.setattr(w, "MIN_CHANNELS", 1)
-    monkeypatch.setattr(w, "MAX_PIXELS", 10**9)
+    monkeypatch.setattr(c, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(c, "WINOGRAD_MAX_PIXELS", 10**9)
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -46,10 +46,11 @@ def test_matches_conv2d(shape, channels_last, bias):
 
 
 def test_winograd_path_is_taken_and_follows_weight_changes(monkeypatch):
+    import ldm.conv as c
     import ldm.winograd as w
 
     calls = []
-    monkeypatch.setattr(w, "winograd_conv3x3", lambda *a: calls.append(1) or F.conv2d(a[0], conv.weight, a[2], padding=1))
+    monkeypatch.setattr(c, "winograd_conv3x3", lambda *a: calls.append(1) or F.conv2d(a[0], conv.weight, a[2], padding=1))
     conv = Conv2d(4, 4, 3, padding=1)
     configure_convolutions(nn.Sequential(conv), winograd=True)
     x = torch.randn(1, 4, 8, 8)
@@ -80,10 +81,10 @@ def test_other_cases_take_the_ordinary_path():
 
 
 def test_layers_outside_the_pay_off_bounds_take_the_ordinary_path(monkeypatch):
-    import ldm.winograd as w
+    import ldm.conv as c
 
-    monkeypatch.setattr(w, "MIN_CHANNELS", 8)
-    monkeypatch.setattr(w, "MAX_PIXELS", 64)
+    monkeypatch.setattr(c, "MIN_CHANNELS", 8)
+    monkeypatch.setattr(c, "WINOGRAD_MAX_PIXELS", 64)
     narrow, wide = Conv2d(4, 4, 3, padding=1), Conv2d(8, 8, 3, padding=1)
     configure_convolutions(nn.Sequential(narrow, wide), winograd=True)
     with torch.no_grad():
@@ -120,3 +121,40 @@ def test_large_maps_are_done_in_bands_with_the_same_result(monkeypatch, channels
     # the same arithmetic per tile; only the matmul sizes (and so the BLAS blocking) differ
     assert _relative_error(banded, whole) <= REL_TOL
     assert _relative_error(banded, want) <= REL_TOL
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 4, 4), (1, 6, 7, 5), (1, 3, 1, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_im2col_matches_conv2d_reading_the_weight_in_place(shape, channels_last, bias):
+    import ldm.conv as c
+
+    g = torch.Generator().manual_seed(sum(shape))
+    conv = Conv2d(shape[1], 5, 3, padding=1, bias=bias)
+    x = torch.randn(*shape, generator=g)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        got = c.im2col_conv3x3(x, conv.weight, conv.bias)
+    assert got.shape == want.shape and _relative_error(got, want) <= REL_TOL
+    if channels_last:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_im2col_and_winograd_split_the_layers_by_map_size(monkeypatch):
+    import ldm.conv as c
+
+    monkeypatch.setattr(c, "IM2COL_MAX_PIXELS", 64)
+    monkeypatch.setattr(c, "IM2COL_OVER_WINOGRAD_PIXELS", 16)
+    conv = Conv2d(4, 4, 3, padding=1)
+    small, medium, large = (torch.randn(1, 4, s, s) for s in (4, 8, 16))
+    with torch.no_grad():
+        configure_convolutions(conv, im2col=True)
+        assert [conv._path(x) for x in (small, medium, large)] == ["im2col", "im2col", "direct"]
+        configure_convolutions(conv, winograd=True, im2col=True)
+        assert [conv._path(x) for x in (small, medium, large)] == ["im2col", "winograd", "winograd"]
+        conv(small)
+        assert conv._kernel is None  # im2col holds nothing
+        for x in (small, medium, large):
+            assert _relative_error(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) <= REL_TOL
