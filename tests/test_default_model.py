@@ -41,7 +41,18 @@ def test_readme_first_command_writes_an_image(tmp_path, capsys):
     out = tmp_path / "circle.png"
     assert main(["generate", "a red circle to the left of a blue square", "--out", str(out), "--quiet"]) == 0
     from PIL import Image
-    image = np.asarray(Image.open(out).convert("RGB"))
+    with Image.open(out) as png:
+        image = np.asarray(png.convert("RGB"))
+        assert "Seed: " in png.info["parameters"]  # no --seed: a fresh one, recorded for reproduction
     assert image.shape == (64, 64, 3)
-    colours = {o.colour for o in detect_objects(image)}
-    assert {"red", "blue"} <= colours
+
+
+def test_readme_prompt_draws_both_colours(pipe):
+    # the README command draws with a fresh seed each time, so its content is checked on fixed seeds;
+    # the colour-shape binding of this prompt is the model's known failure (MODEL_CARD.md), so only
+    # the colours are asserted
+    hits = 0
+    for seed in range(4):
+        image = pipe("a red circle to the left of a blue square", seed=seed, output_type="np").images[0]
+        hits += {"red", "blue"} <= {o.colour for o in detect_objects(image)}
+    assert hits >= 3, f"only {hits}/4 images showed both a red and a blue object"
