@@ -83,16 +83,32 @@ def ldm_pipeline_from(ref, device: str, dtype: torch.dtype):
     return pipe
 
 
-def apply_ldm_options(pipe, options: str) -> None:
-    """Switches on ldm's options."""
-    names = {o.split("=")[0]: o for o in options.split(",") if o}
-    unknown = set(names) - {"winograd", "im2col", "channels_last", "fuse_qkv", "compile", "step_cache"}
-    if unknown:
-        raise SystemExit(f"error: unknown --ldm-options {sorted(unknown)}")
-    pipe.optimize(channels_last="channels_last" in names, fuse_qkv="fuse_qkv" in names,
-                  compile="compile" in names, winograd="winograd" in names, im2col="im2col" in names)
-    if "step_cache" in names:
-        pipe.enable_step_cache(int(names["step_cache"].split("=")[1]))
+OPTIONS = ("winograd", "im2col", "channels_last", "fuse_qkv", "compile", "step_cache")
+
+
+def parse_ldm_options(options: str) -> dict[str, int | bool]:
+    """`winograd,step_cache=3` -> {"winograd": True, "step_cache": 3}; bad input exits with one line."""
+    parsed: dict[str, int | bool] = {}
+    for item in filter(None, options.split(",")):
+        name, _, value = item.partition("=")
+        if name not in OPTIONS:
+            raise SystemExit(f"error: unknown --ldm-options entry '{name}' (choose from {', '.join(OPTIONS)})")
+        if name == "step_cache":
+            if not value.isdigit() or int(value) < 1:
+                raise SystemExit(f"error: --ldm-options step_cache needs a positive interval, e.g. step_cache=3, got '{item}'")
+            parsed[name] = int(value)
+        elif value:
+            raise SystemExit(f"error: --ldm-options {name} takes no value, got '{item}'")
+        else:
+            parsed[name] = True
+    return parsed
+
+
+def apply_ldm_options(pipe, options: dict[str, int | bool]) -> None:
+    pipe.optimize(channels_last="channels_last" in options, fuse_qkv="fuse_qkv" in options,
+                  compile="compile" in options, winograd="winograd" in options, im2col="im2col" in options)
+    if "step_cache" in options:
+        pipe.enable_step_cache(int(options["step_cache"]))
 
 
 def kept_memory_mb(pipe) -> float:
@@ -164,15 +180,16 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--ldm-options", default="", help="comma list: winograd,im2col,channels_last,fuse_qkv,compile,step_cache=N")
     args = ap.parse_args()
+    options = parse_ldm_options(args.ldm_options)  # before minutes of building the models
     dtype, device = DTYPES[args.dtype], args.device
 
     ref = sd15_pipeline(args.model, dtype).to(device)
     ref.set_progress_bar_config(disable=True)
     ours = ldm_pipeline_from(ref, device, dtype)
-    apply_ldm_options(ours, args.ldm_options)
+    apply_ldm_options(ours, options)
     latent = args.resolution // 8
     x = torch.randn(2 * args.batch, 4, latent, latent, device=device, dtype=dtype)
-    if "channels_last" in args.ldm_options:
+    if "channels_last" in options:
         x_ours = x.contiguous(memory_format=torch.channels_last)  # what the pipeline feeds it
     else:
         x_ours = x

@@ -260,3 +260,13 @@ def test_sampler_error_script_runs(tmp_path, monkeypatch):
     assert mse["euler", 8] < mse["euler", 2] and mse["heun", 8] < mse["euler", 8]  # convergence, and order
     assert rows["heun", 8]["nfe"] == "15" and rows["euler+cache2", 8]["full_unet"] == "4"
     assert "| euler+cache2 |" in out.with_suffix(".md").read_text()
+
+
+def test_benchmark_options_parse_or_fail_with_one_line():
+    parse = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"))["parse_ldm_options"]
+    assert parse("") == {}
+    assert parse("winograd,im2col,step_cache=3") == {"winograd": True, "im2col": True, "step_cache": 3}
+    for bad, words in (("bogus", "unknown"), ("step_cache=x", "positive interval"), ("step_cache", "positive"),
+                       ("winograd=1", "takes no value")):
+        with pytest.raises(SystemExit, match=words):
+            parse(bad)
