@@ -23,8 +23,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     perf.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
     perf.add_argument("--channels-last", action="store_true")
     perf.add_argument("--fuse-qkv", action="store_true", help="one matmul for attention projections")
-    perf.add_argument("--winograd", action="store_true",
+    wino = perf.add_mutually_exclusive_group()
+    wino.add_argument("--winograd", action="store_const", const="cached", default=False,
                       help="deep 3x3 convolutions as Winograd F(2x2,3x3) (fp32 CPU; holds transformed kernels)")
+    wino.add_argument("--winograd-transient", dest="winograd", action="store_const", const="transient",
+                      help="Winograd where a per-call kernel transform pays; holds nothing")
     perf.add_argument("--im2col", action="store_true", help="deep 3x3 convolutions on small maps as one GEMM (fp32 CPU)")
     perf.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first call)")
     perf.add_argument("--step-cache", type=int, metavar="N",
@@ -58,8 +61,16 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `error:` line (exit 2) like every other bad input; the
+    usage text stays one `--help` away."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion: generate, img2img, convert, train.")
+    parser = OneLineErrorParser(prog="ldm", description="Latent diffusion: generate, img2img, convert, train.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="text -> image")
     _sampling_options(gen)
@@ -229,7 +240,10 @@ COMMANDS = {"generate": cmd_generate, "img2img": cmd_img2img, "convert": cmd_con
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # usage errors (one line, see OneLineErrorParser) and --help
+        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     from .pipeline import GenerationError
     from .weights import CheckpointError
 

@@ -73,7 +73,7 @@ class Downsample(nn.Module):
     def __init__(self, ch: int, asymmetric_pad: bool = False) -> None:
         super().__init__()
         self.asymmetric_pad = asymmetric_pad
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if asymmetric_pad else 1)
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=0 if asymmetric_pad else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.asymmetric_pad:

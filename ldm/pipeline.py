@@ -118,7 +118,7 @@ class Pipeline:
         self.step_cache_interval = None
 
     def optimize(self, *, channels_last: bool = False, fuse_qkv: bool = False, compile: bool = False,
-                 attention_chunk: int | None = None, winograd: bool = False,
+                 attention_chunk: int | None = None, winograd: bool | str = False,
                  im2col: bool = False) -> None:
         """Set the output-preserving speed/memory options of the U-Net and VAE (each within 1e-5 of the
         default; tests/test_perf_options.py); options left at their defaults are switched off again,
@@ -128,9 +128,10 @@ class Pipeline:
         concatenated copy of their weights (rebuilt when they change). attention_chunk: attend that
         many query tokens at a time, bounding attention memory. compile: torch.compile the U-Net
         in place (`nn.Module.compile`), so state_dict keys keep their names. winograd: 3x3 convolutions
-        as Winograd F(2x2, 3x3) for fp32 on the CPU (ldm/winograd.py), 2.25x fewer multiplies, holding
-        the transformed kernels. im2col: deep layers on small maps as one GEMM, no extra memory
-        (ldm/conv.py says which layers take which path)."""
+        as Winograd F(2x2, 3x3) for fp32 on the CPU (ldm/winograd.py), 2.25x fewer multiplies;
+        "cached" (or True) holds the transformed kernels, "transient" rebuilds them per call on the
+        layers where that pays and holds nothing. im2col: deep layers on small maps (stride 1 or 2)
+        as one GEMM, no extra memory (ldm/conv.py says which layers take which path)."""
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         for model in (self.parts.unet, self.parts.vae):
             model.to(memory_format=fmt)

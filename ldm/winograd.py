@@ -27,6 +27,21 @@ def transform_kernel(weight: torch.Tensor) -> torch.Tensor:
     return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
 
 
+_KERNEL = torch.kron(_G, _G).float()  # [16, 9]: vec(G g G^T) = (G kron G) vec(g)
+
+
+def transform_kernel_fp32(weight: torch.Tensor) -> torch.Tensor:
+    """transform_kernel in the weight's own precision, as one small matmul per output channel, for a
+    kernel that is transformed on every call and not kept. Its entries are sums of at most 9 weights
+    times powers of two, so it rounds a little (~1e-7 relative) where the float64 version does not.
+
+    Returns a [16, C_in, C_out] view of a [C_out, 16, C_in] buffer: each of the 16 matrices has unit
+    stride along C_in, which the batched GEMM takes as a transposed operand, with no copy."""
+    co, ci = weight.shape[:2]
+    u = torch.matmul(_KERNEL.to(weight.dtype), weight.detach().permute(0, 2, 3, 1).reshape(co, 9, ci))
+    return u.permute(1, 2, 0)
+
+
 # Bound on each transform buffer. Large feature maps (a VAE decoding 512 px and up) are done in
 # bands of tile rows, so the transient memory stays near this instead of ~4x the input per buffer.
 BAND_BYTES = 32 * 2**20

@@ -9,8 +9,9 @@ torch.cuda.max_memory_allocated on GPU).
     .venv/bin/python scripts/benchmark.py --ldm-options winograd,channels_last   # ldm's opt-in options
 
 diffusers always runs with its defaults. `--ldm-options` takes a comma list of winograd, im2col,
-channels_last, fuse_qkv, compile and step_cache=N (the one that changes the output). Memory that an
-option keeps for the whole session (Winograd's transformed kernels) is reported on its own line,
+channels_last, fuse_qkv, compile and step_cache=N (the one that changes the output);
+winograd_transient is Winograd that rebuilds its kernels per call. Memory that an option keeps for
+the whole session (cached Winograd kernels, fused QKV weights) is reported on its own line,
 since "peak extra memory" is measured per generation, after the warm-up has built it.
 """
 from __future__ import annotations
@@ -83,7 +84,7 @@ def ldm_pipeline_from(ref, device: str, dtype: torch.dtype):
     return pipe
 
 
-OPTIONS = ("winograd", "im2col", "channels_last", "fuse_qkv", "compile", "step_cache")
+OPTIONS = ("winograd", "winograd_transient", "im2col", "channels_last", "fuse_qkv", "compile", "step_cache")
 
 
 def parse_ldm_options(options: str) -> dict[str, int | bool]:
@@ -101,23 +102,32 @@ def parse_ldm_options(options: str) -> dict[str, int | bool]:
             raise SystemExit(f"error: --ldm-options {name} takes no value, got '{item}'")
         else:
             parsed[name] = True
+    if "winograd" in parsed and "winograd_transient" in parsed:
+        raise SystemExit("error: --ldm-options takes winograd or winograd_transient, not both")
     return parsed
 
 
 def apply_ldm_options(pipe, options: dict[str, int | bool]) -> None:
     pipe.optimize(channels_last="channels_last" in options, fuse_qkv="fuse_qkv" in options,
-                  compile="compile" in options, winograd="winograd" in options, im2col="im2col" in options)
+                  compile="compile" in options, im2col="im2col" in options,
+                  winograd="cached" if "winograd" in options else "transient" if "winograd_transient" in options else False)
     if "step_cache" in options:
         pipe.enable_step_cache(int(options["step_cache"]))
 
 
 def kept_memory_mb(pipe) -> float:
-    """Memory the options keep across generations: Winograd's transformed kernels, built on first use."""
+    """Memory the options keep across generations on top of the weights: cached Winograd kernels
+    (built on first use) and the concatenated weights of fused QKV projections."""
+    from ldm.attention import Attention
     from ldm.conv import Conv2d
 
-    kernels = [m._kernel for model in (pipe.parts.unet, pipe.parts.vae) for m in model.modules()
-               if isinstance(m, Conv2d) and m._kernel is not None]
-    return sum(k.numel() * k.element_size() for k in kernels) / 2**20
+    kept = []
+    for module in (m for model in (pipe.parts.unet, pipe.parts.vae) for m in model.modules()):
+        if isinstance(module, Conv2d):
+            kept.append(module._kernel)
+        elif isinstance(module, Attention):
+            kept += [module.fused_weight, module.fused_bias]
+    return sum(t.numel() * t.element_size() for t in kept if t is not None) / 2**20
 
 
 class PeakMemory:
@@ -178,7 +188,7 @@ def main() -> None:
     ap.add_argument("--unet-steps", type=int, default=3, help="guided U-Net calls per timing")
     ap.add_argument("--model", help="real SD1.5 weights (diffusers folder) instead of random ones")
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--ldm-options", default="", help="comma list: winograd,im2col,channels_last,fuse_qkv,compile,step_cache=N")
+    ap.add_argument("--ldm-options", default="", help="comma list: winograd,winograd_transient,im2col,channels_last,fuse_qkv,compile,step_cache=N")
     args = ap.parse_args()
     options = parse_ldm_options(args.ldm_options)  # before minutes of building the models
     dtype, device = DTYPES[args.dtype], args.device

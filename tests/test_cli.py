@@ -66,6 +66,7 @@ def test_convert_both_ways(model, tmp_path, capsys):
     (["generate", "x", "--guidance", "nan"], "finite"),
     (["generate", "x", "--guidance", "inf"], "finite"),
     (["generate", "x", "--sampler", "plms"], "unknown sampler"),
+    (["generate", "x", "--winograd", "--winograd-transient"], "not allowed with argument"),
     (["img2img", "MISSING.png", "x", "--strength", "0.5"], "no such image"),
     (["img2img", "BAD.png", "x"], "not a readable image"),
     (["img2img", "GOOD.png", "x", "--strength", "1.5"], "strength must be in"),
@@ -127,7 +128,8 @@ def test_speed_flags_keep_the_image(model, tmp_path, capsys):
 
     args = ["generate", "a cat", "--model", model, "--steps", 3, "--seed", 2, "--height", 32, "--width", 32, "--quiet"]
     assert run(capsys, *args, "--out", tmp_path / "plain.png")[0] == 0
-    assert run(capsys, *args, "--fuse-qkv", "--channels-last", "--vae-slicing", "--out", tmp_path / "fast.png")[0] == 0
+    assert run(capsys, *args, "--fuse-qkv", "--channels-last", "--vae-slicing", "--winograd-transient", "--im2col",
+               "--out", tmp_path / "fast.png")[0] == 0
     assert run(capsys, *args, "--step-cache", 2, "--out", tmp_path / "cached.png")[0] == 0
     plain, fast = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("plain", "fast"))
     assert np.abs(plain - fast).max() <= 1

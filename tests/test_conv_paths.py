@@ -158,3 +158,61 @@ def test_im2col_and_winograd_split_the_layers_by_map_size(monkeypatch):
         assert conv._kernel is None  # im2col holds nothing
         for x in (small, medium, large):
             assert _relative_error(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) <= REL_TOL
+
+
+@pytest.mark.parametrize("stride,padding,size", [(2, 1, (8, 8)), (2, 1, (7, 5)), (2, 0, (9, 9)), (1, 0, (6, 7))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_im2col_strided_and_unpadded_matches_conv2d(stride, padding, size, channels_last):
+    import ldm.conv as c
+
+    conv = Conv2d(6, 5, 3, stride=stride, padding=padding)
+    x = torch.randn(2, 6, *size, generator=torch.Generator().manual_seed(stride + padding))
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=padding)
+        got = c.im2col_conv3x3(x, conv.weight, conv.bias, stride, padding)
+        configure_convolutions(conv, im2col=True)
+        assert conv._path(x) == "im2col"  # downsamplers take it too (their outputs are small)
+        through_layer = conv(x)
+    assert got.shape == want.shape and _relative_error(got, want) <= REL_TOL
+    assert torch.equal(through_layer, got)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_transient_winograd_matches_conv2d_and_keeps_nothing(channels_last):
+    import ldm.winograd as w
+
+    conv = Conv2d(7, 6, 3, padding=1)
+    x = torch.randn(2, 7, 10, 9, generator=torch.Generator().manual_seed(5))
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    configure_convolutions(conv, winograd="transient")
+    with torch.no_grad():
+        assert conv._path(x) == "winograd"
+        got = conv(x)
+        want = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        # the fp32 transform equals the float64 one up to fp32 rounding
+        assert _relative_error(w.transform_kernel_fp32(conv.weight), w.transform_kernel(conv.weight)) <= 1e-6
+    assert conv._kernel is None
+    assert _relative_error(got, want) <= REL_TOL
+
+
+def test_transient_winograd_leaves_wide_layers_to_im2col_or_the_direct_kernel(monkeypatch):
+    import ldm.conv as c
+
+    monkeypatch.setattr(c, "TRANSIENT_MAX_CHANNELS", 8)
+    monkeypatch.setattr(c, "IM2COL_MAX_PIXELS", 16)
+    monkeypatch.setattr(c, "IM2COL_WIDE_WEIGHTS", 12 * 12)
+    narrow, wide, widest = Conv2d(8, 8, 3, padding=1), Conv2d(12, 8, 3, padding=1), Conv2d(12, 12, 3, padding=1)
+    configure_convolutions(nn.Sequential(narrow, wide, widest), winograd="transient", im2col=True)
+    x8, x12 = torch.randn(1, 8, 16, 16), torch.randn(1, 12, 16, 16)  # 256 pixels: above IM2COL_MAX_PIXELS
+    with torch.no_grad():
+        assert [narrow._path(x8), wide._path(x12), widest._path(x12)] == ["winograd", "direct", "im2col"]
+        configure_convolutions(widest, winograd="cached", im2col=True)
+        assert widest._path(x12) == "winograd"  # a cached kernel pays on wide layers too
+
+
+def test_unknown_winograd_mode_is_refused():
+    with pytest.raises(ValueError, match="winograd must be one of cached, transient"):
+        configure_convolutions(Conv2d(4, 4, 3, padding=1), winograd="fast")

@@ -76,18 +76,24 @@ def test_fused_qkv_channels_last_and_chunking_keep_the_unet_output(variant, wino
         assert (unet(x, t, ctx) - want).abs().max().item() <= TOL
         configure_convolutions(unet, winograd=True, im2col=True)
         assert (unet(x, t, ctx) - want).abs().max().item() <= TOL
+        configure_convolutions(unet, winograd="transient", im2col=True)  # the memory-free set
+        assert (unet(x, t, ctx) - want).abs().max().item() <= TOL
 
 
-def test_vae_options_keep_the_decode(winograd_everywhere):
+def test_vae_options_keep_the_decode_and_the_encode(winograd_everywhere):
     vae = ours(tiny_vae(), AutoencoderKL, vae_config_from_diffusers)
-    z = torch.randn(2, 4, 12, 20, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    z, image = torch.randn(2, 4, 12, 20, generator=g), torch.rand(2, 3, 24, 40, generator=g) * 2 - 1
     with torch.no_grad():
-        want = vae.decode(z)
+        want, want_latents = vae.decode(z), vae.encode(image).mean
         configure_attention(vae, query_chunk=64, fuse_projections=True)  # the biased single-head variant
         vae.to(memory_format=torch.channels_last)
         assert (vae.decode(z) - want).abs().max().item() <= TOL
-        configure_convolutions(vae, winograd=True, im2col=True)
-        assert (vae.decode(z) - want).abs().max().item() <= TOL
+        for winograd in ("cached", "transient"):
+            # the encoder's stride-2 downsamplers (padded right/bottom only) take im2col on small maps
+            configure_convolutions(vae, winograd=winograd, im2col=True)
+            assert (vae.decode(z) - want).abs().max().item() <= TOL
+            assert (vae.encode(image).mean - want_latents).abs().max().item() <= TOL
 
 
 def test_query_chunks_split_the_attention(monkeypatch):
