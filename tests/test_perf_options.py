@@ -273,6 +273,6 @@ def test_benchmark_options_parse_or_fail_with_one_line():
     assert parse("") == {}
     assert parse("winograd,im2col,step_cache=3") == {"winograd": True, "im2col": True, "step_cache": 3}
     for bad, words in (("bogus", "unknown"), ("step_cache=x", "positive interval"), ("step_cache", "positive"),
-                       ("winograd=1", "takes no value")):
+                       ("winograd=1", "takes no value"), ("winograd,winograd_transient", "not both")):
         with pytest.raises(SystemExit, match=words):
             parse(bad)

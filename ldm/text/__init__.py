@@ -83,7 +83,9 @@ def _load_packaged(marker: Path, dtype: torch.dtype | None) -> TextEncoder:
     if package not in PACKAGED_TEXT_ENCODERS:
         raise ValueError(f"{marker}: unknown text-encoder package {package!r}; "
                          f"known: {', '.join(PACKAGED_TEXT_ENCODERS)}")
-    return PACKAGED_TEXT_ENCODERS[package](max_length=int(spec["max_length"]), dtype=dtype)
+    layers = spec.get("num_layers")  # absent: the whole encoder
+    return PACKAGED_TEXT_ENCODERS[package](max_length=int(spec["max_length"]), dtype=dtype,
+                                           num_layers=None if layers is None else int(layers))
 
 
 def load_text_encoder(kind: str, path: Path | None = None, **kw: Any) -> TextEncoder:
@@ -92,8 +94,8 @@ def load_text_encoder(kind: str, path: Path | None = None, **kw: Any) -> TextEnc
     `path` is either a diffusers-style folder with `text_encoder/` and `tokenizer/` subfolders or one
     folder holding both (a transformers model folder); for "openclip" it is the checkpoint file and
     `model_name=` is required; "minilm" takes no path. Keyword arguments go to the family's loader:
-    clip: clip_skip, dtype, projection; t5: max_length, dtype; bert: max_length, use_attention_mask, dtype;
-    minilm: max_length, dtype; openclip: model_name, clip_skip, dtype.
+    clip: clip_skip, dtype, projection; t5: max_length, dtype; bert: max_length, use_attention_mask, dtype, num_layers;
+    minilm: max_length, dtype, num_layers; openclip: model_name, clip_skip, dtype.
     """
     if kind not in TEXT_ENCODER_KINDS:
         raise ValueError(f"unknown text encoder kind {kind!r}; expected one of {', '.join(TEXT_ENCODER_KINDS)}")

