@@ -190,3 +190,13 @@ def test_finetune_flags_override_config_file(tmp_path):
     bad = parser.parse_args(["finetune", "--model", "m", "--data", "d", "--output-dir", "o", "--rank", "0"])
     with pytest.raises(ValueError, match="--rank"):
         finetune_config(bad)
+
+
+def test_text_encoder_num_layers_only_for_bert_family():
+    from ldm.train.components import build_parts
+    from ldm.train.config import load_config
+
+    sd = tiny_sd()
+    cfg = load_config(None, [], base=unet_stage(text_encoder={"kind": "clip", "path": str(sd), "num_layers": 1}))
+    with pytest.raises(ValueError, match="num_layers applies to bert/minilm encoders, not clip"):
+        build_parts(cfg, "x")

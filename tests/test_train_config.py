@@ -78,6 +78,8 @@ def test_shipped_configs_load():
         assert isinstance(cfg, (UNetStageConfig, VAEStageConfig)), path
     unet = load_config(REPO / "configs" / "default_unet.yaml")
     assert unet.unet.cross_attention_dim == 384 and unet.text_encoder.kind == "minilm"
+    assert unet.text_encoder.num_layers is None  # stages 2-3 condition on the last layer, stage 4 on layer 3
+    assert load_config(REPO / "configs" / "default_unet_layer3.yaml").text_encoder.num_layers == 3
     vae = load_config(REPO / "configs" / "default_vae.yaml")
     assert vae.vae.latent_channels == unet.unet.in_channels == 4
 
