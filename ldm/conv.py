@@ -81,10 +81,11 @@ class Conv2d(nn.Conv2d):
         s, p = self.stride[0], self.padding[0]
         pixels = ((x.shape[2] + 2 * p - 3) // s + 1) * ((x.shape[3] + 2 * p - 3) // s + 1)
         cached = self.winograd == "cached"
-        if self.im2col and pixels <= (IM2COL_OVER_WINOGRAD_PIXELS if cached else IM2COL_MAX_PIXELS):
+        winograd = self.winograd is not None and (s, p) == (1, 1) and pixels <= WINOGRAD_MAX_PIXELS and (
+            cached or max(self.in_channels, self.out_channels) <= TRANSIENT_MAX_CHANNELS)
+        if self.im2col and pixels <= (IM2COL_OVER_WINOGRAD_PIXELS if winograd and cached else IM2COL_MAX_PIXELS):
             return "im2col"
-        if self.winograd and (s, p) == (1, 1) and pixels <= WINOGRAD_MAX_PIXELS and (cached or max(
-                self.in_channels, self.out_channels) <= TRANSIENT_MAX_CHANNELS):
+        if winograd:
             return "winograd"
         if self.im2col and pixels <= IM2COL_WIDE_PIXELS and self.in_channels * self.out_channels >= IM2COL_WIDE_WEIGHTS:
             return "im2col"

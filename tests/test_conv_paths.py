@@ -213,6 +213,16 @@ def test_transient_winograd_leaves_wide_layers_to_im2col_or_the_direct_kernel(mo
         assert widest._path(x12) == "winograd"  # a cached kernel pays on wide layers too
 
 
+
+def test_strided_layers_take_im2col_up_to_its_bound_even_with_cached_winograd():
+    strided = Conv2d(8, 8, 3, stride=2, padding=1)
+    configure_convolutions(strided, winograd="cached", im2col=True)
+    x = torch.randn(1, 8, 12, 12)  # 6x6 output: above IM2COL_OVER_WINOGRAD_PIXELS, but Winograd is stride 1 only
+    with torch.no_grad():
+        assert strided._path(x) == "im2col"
+        assert _relative_error(strided(x), F.conv2d(x, strided.weight, strided.bias, stride=2, padding=1)) <= REL_TOL
+
+
 def test_unknown_winograd_mode_is_refused():
     with pytest.raises(ValueError, match="winograd must be one of cached, transient"):
         configure_convolutions(Conv2d(4, 4, 3, padding=1), winograd="fast")
