@@ -21,19 +21,19 @@ _IN = torch.kron(_BT, _BT).float()    # [16, 16]
 _OUT = torch.kron(_AT, _AT).float()   # [4, 16]
 
 
+_KERNEL = torch.kron(_G, _G)  # [16, 9]: vec(G g G^T) = (G kron G) vec(g)
+
+
 def transform_kernel(weight: torch.Tensor) -> torch.Tensor:
-    """[C_out, C_in, 3, 3] -> U: [16, C_in, C_out], computed in float64 so only the product rounds."""
-    u = torch.einsum("ap,oipq,bq->abio", _G, weight.detach().double(), _G)
-    return u.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
-
-
-_KERNEL = torch.kron(_G, _G).float()  # [16, 9]: vec(G g G^T) = (G kron G) vec(g)
+    """[C_out, C_in, 3, 3] -> U: [16, C_in, C_out], computed in float64 so only the product rounds
+    (the cached kernel: built once, kept contiguous)."""
+    return transform_kernel_fp32(weight.double()).to(weight.dtype).contiguous()
 
 
 def transform_kernel_fp32(weight: torch.Tensor) -> torch.Tensor:
     """transform_kernel in the weight's own precision, as one small matmul per output channel, for a
     kernel that is transformed on every call and not kept. Its entries are sums of at most 9 weights
-    times powers of two, so it rounds a little (~1e-7 relative) where the float64 version does not.
+    times powers of two, so in fp32 it rounds a little (~1e-7 relative) where float64 does not.
 
     Returns a [16, C_in, C_out] view of a [C_out, 16, C_in] buffer: each of the 16 matrices has unit
     stride along C_in, which the batched GEMM takes as a transposed operand, with no copy."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ldm.text.base import from_pretrained_checked, TextEmbedding, TextEncoder, check_prompts, set_max_length, tokenize_truncating
@@ -26,7 +27,10 @@ class BertTextEncoder(TextEncoder):
             total = int(model.config.num_hidden_layers)
             if not 1 <= num_layers <= total:
                 raise ValueError(f"num_layers must be in [1, {total}] for this {total}-layer encoder, got {num_layers}")
-            model.encoder.layer = model.encoder.layer[:num_layers]
+            layers = getattr(getattr(model, "encoder", None), "layer", None)
+            if not isinstance(layers, nn.ModuleList):
+                raise ValueError(f"num_layers: {type(model).__name__} keeps its layers elsewhere than encoder.layer")
+            model.encoder.layer = layers[:num_layers]
             model.config.num_hidden_layers = num_layers
         max_positions = getattr(model.config, "max_position_embeddings", None)
         self.max_length = set_max_length(tokenizer, max_length, max_positions)
