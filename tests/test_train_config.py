@@ -80,6 +80,9 @@ def test_shipped_configs_load():
     assert unet.unet.cross_attention_dim == 384 and unet.text_encoder.kind == "minilm"
     assert unet.text_encoder.num_layers is None  # stages 2-3 condition on the last layer, stage 4 on layer 3
     assert load_config(REPO / "configs" / "default_unet_layer3.yaml").text_encoder.num_layers == 3
+    stage5 = load_config(REPO / "configs" / "default_unet_debiased.yaml")
+    assert stage5.diffusion.debiased_estimation and stage5.text_encoder.num_layers == 3
+    assert not unet.diffusion.debiased_estimation  # off unless a config asks for it
     vae = load_config(REPO / "configs" / "default_vae.yaml")
     assert vae.vae.latent_channels == unet.unet.in_channels == 4
 

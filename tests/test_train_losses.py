@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ldm.schedule import NoiseSchedule
-from ldm.train.diffusion_loss import diffusion_loss, min_snr_weights, noised_inputs
+from ldm.train.diffusion_loss import debiased_weights, diffusion_loss, min_snr_weights, noised_inputs
 from ldm.train.order import StepDraws
 
 TOL = 1e-6
@@ -63,6 +63,27 @@ def test_min_snr_weights_match_diffusers_recipe(prediction_type):
     abar = NoiseSchedule().alphas_cumprod[t]
     assert diffusion_loss(pred, target, abar, prediction_type, 5.0).item() == pytest.approx(got.mean().item(), rel=1e-6)
     assert diffusion_loss(pred, target, abar, prediction_type).item() == 1.0
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_debiased_weights_match_kohya_recipe(prediction_type):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([0, 10, 250, 500, 999])
+    # kohya sd-scripts apply_debiased_estimation: SNR clipped at 1000, then 1/sqrt(snr), or 1/(snr + 1) for v
+    snr = compute_snr(ref, t).clamp(max=1000)
+    expected = 1 / (snr + 1) if prediction_type == "v_prediction" else 1 / torch.sqrt(snr)
+    abar = NoiseSchedule().alphas_cumprod[t]
+    got = debiased_weights(abar, prediction_type)
+    assert torch.allclose(got, expected, rtol=1e-5)
+    assert (got.diff() > 0).all()  # the noisier the timestep, the larger its weight
+    # it multiplies with min-SNR, as in kohya's trainer
+    pred, target = torch.ones(5, 2), torch.zeros(5, 2)
+    both = diffusion_loss(pred, target, abar, prediction_type, 5.0, debiased=True).item()
+    assert both == pytest.approx((got * min_snr_weights(abar, 5.0, prediction_type)).mean().item(), rel=1e-6)
+    assert diffusion_loss(pred, target, abar, prediction_type, debiased=True).item() == pytest.approx(got.mean().item(), rel=1e-6)
 
 
 def test_ema_matches_diffusers_ema_model():

@@ -126,6 +126,7 @@ class LoraConfig:
 class DiffusionConfig:
     min_snr_gamma: float | None = None  # Hang et al. 2023; 5.0 is the paper's value
     noise_offset: float = 0.0  # per-channel constant added to the noise: lets the model shift mean brightness
+    debiased_estimation: bool = False  # weight by 1/sqrt(SNR) (kohya's --debiased_estimation_loss)
 
     def __post_init__(self) -> None:
         if self.min_snr_gamma is not None:

@@ -1,8 +1,11 @@
 """The denoising objective: noise the latents at a random timestep, regress eps or v.
 
 Optional pieces, each off by default: min-SNR-gamma weighting (Hang et al. 2023), which stops the
-low-noise timesteps from dominating the gradient; noise offset (a per-channel constant in the noise),
-which lets a model learn to change the overall brightness of an image.
+low-noise timesteps from dominating the gradient; debiased estimation (Yu et al. 2024, kohya's
+--debiased_estimation_loss), which weights each sample by 1/sqrt(SNR) and so gives the high-noise
+timesteps, where an eps loss is tiny but the layout of the image is decided, a real share of the
+gradient; noise offset (a per-channel constant in the noise), which lets a model learn to change the
+overall brightness of an image.
 """
 from __future__ import annotations
 
@@ -41,10 +44,20 @@ def min_snr_weights(abar: torch.Tensor, gamma: float, prediction_type: str) -> t
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
+def debiased_weights(abar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """1 / sqrt(SNR) for eps targets, 1 / (SNR + 1) for v targets, with SNR clipped at 1000 as kohya does
+    (at t = 0 the SNR is nearly unbounded)."""
+    snr = (abar / (1 - abar)).clamp(max=1000.0)
+    return 1 / (snr + 1) if prediction_type == "v_prediction" else snr.rsqrt()
+
+
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, abar: torch.Tensor, prediction_type: str,
-                   min_snr_gamma: float | None = None) -> torch.Tensor:
-    """Mean squared error per sample (in fp32), optionally min-SNR weighted, averaged over the batch."""
+                   min_snr_gamma: float | None = None, debiased: bool = False) -> torch.Tensor:
+    """Mean squared error per sample (in fp32), optionally min-SNR and/or debiased weighted (the weights
+    multiply, as in kohya's trainer), averaged over the batch."""
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
     if min_snr_gamma is not None:
         per_sample = per_sample * min_snr_weights(abar, min_snr_gamma, prediction_type)
+    if debiased:
+        per_sample = per_sample * debiased_weights(abar, prediction_type)
     return per_sample.mean()

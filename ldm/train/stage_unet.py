@@ -86,7 +86,8 @@ class UNetStage:
         x_t, t, target, abar = noised_inputs(latents, self.alphas_cumprod, draws, self.schedule.num_train_timesteps,
                                              self.schedule.prediction_type, self.cfg.diffusion.noise_offset)
         pred = self.unet(x_t, t, states)
-        return diffusion_loss(pred, target, abar, self.schedule.prediction_type, self.cfg.diffusion.min_snr_gamma), {}
+        return diffusion_loss(pred, target, abar, self.schedule.prediction_type, self.cfg.diffusion.min_snr_gamma,
+                              self.cfg.diffusion.debiased_estimation), {}
 
     def after_step(self, step: int) -> None:
         if self.ema is not None:
