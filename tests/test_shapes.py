@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -308,3 +309,38 @@ def test_lookalikes_are_no_shape():
     giant = render(Scene((ShapeObject("square", "red", "large", 32, 32, 48),)))
     assert detect_objects(giant)[0].size is None
     assert not score_single(giant, ShapeObject("square", "red", "large", 32, 32, 48), check_size=False)
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_relation_binding_probe_mirrors_only_the_direction(tmp_path):
+    """scripts/relation_binding_probe.py: the false caption differs from the true one in the relation's
+    direction only; with identical conditioning both captions must score the same (same x_t)."""
+    from tiny import write_tiny_sd_folder
+
+    from ldm.pipeline import Pipeline
+
+    probe = _load_script("relation_binding_probe")
+    scene_list = probe.scenes(8, seed=0)
+    assert [s.relation for s in scene_list[:4]] == list(RELATIONS)
+    for s in scene_list:
+        false = probe.mirrored(s)
+        a, b = s.objects
+        assert false == f"a {a.colour} {a.shape} {probe.MIRROR[s.relation]} a {b.colour} {b.shape}"
+        holds = {"to the left of": a.cx < b.cx, "to the right of": a.cx > b.cx, "above": a.cy < b.cy, "below": a.cy > b.cy}
+        assert holds[s.relation] and not holds[probe.MIRROR[s.relation]]  # the mirrored caption is false
+    pipe = Pipeline.from_pretrained(write_tiny_sd_folder(tmp_path / "m"))
+    rows = probe.binding_table(pipe, scene_list, timesteps=(999, 500))
+    assert [r["t"] for r in rows] == [999, 500]
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("true_caption", "mirrored_caption"))
+    probe.mirrored = lambda s: s.caption()  # the "false" caption now equals the true one
+    same = probe.binding_table(pipe, scene_list, timesteps=(999, 500))
+    assert all(r["true_caption"] == r["mirrored_caption"] for r in same)
