@@ -21,7 +21,9 @@ _IN = torch.kron(_BT, _BT).float()    # [16, 16]
 _OUT = torch.kron(_AT, _AT).float()   # [4, 16]
 
 
-_KERNEL = torch.kron(_G, _G)  # [16, 9]: vec(G g G^T) = (G kron G) vec(g)
+# [16, 9]: vec(G g G^T) = (G kron G) vec(g). Its entries (0, +-1/4, +-1/2, 1) are exact in fp32, so
+# the per-call fp32 transform uses it as is and the float64 one widens it exactly.
+_KERNEL = torch.kron(_G, _G).float()
 
 
 def transform_kernel(weight: torch.Tensor) -> torch.Tensor:

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from ldm.pipeline import Pipeline
-from ldm.shapes import BACKGROUND, COLOURS
+from ldm.shapes import BACKGROUND, COLOURS, FRAME
 from ldm.shapes_eval import eval_cases
 
 
 @torch.no_grad()
-def colour_offsets(pipe: Pipeline, resolution: int = 64) -> dict[str, torch.Tensor]:
+def colour_offsets(pipe: Pipeline, resolution: int = FRAME) -> dict[str, torch.Tensor]:
     """Each palette colour's scaled latent (a flat image, centre latent pixel) minus the background's."""
     vae = pipe.parts.vae
 
@@ -52,7 +52,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the --seed that eval ran with (default 0)")
     ap.add_argument("--split", type=float, default=0.3, help="cosine that splits the img2img cases (default 0.3)")
     args = ap.parse_args()
-    cos = cosines(colour_offsets(Pipeline.from_pretrained(args.model)))
+    try:
+        pipe = Pipeline.from_pretrained(args.model)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    cos = cosines(colour_offsets(pipe))
     names = list(COLOURS)
     print("cosine between palette colours' latent offsets from the background")
     print(" " * 7 + "".join(f"{n:>8s}" for n in names))

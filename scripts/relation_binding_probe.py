@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ldm.pipeline import Pipeline
-from ldm.shapes import BACKGROUND, COLOURS, RELATIONS, Scene, place_pair, random_attributes, render
+from ldm.shapes import BACKGROUND, COLOURS, FRAME, RELATIONS, Scene, place_pair, random_attributes, render
 
 MIRROR = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
 TIMESTEPS = (999, 950, 900, 850, 800, 700, 500)
@@ -50,7 +50,7 @@ def scenes(n: int, seed: int) -> list[Scene]:
 @torch.no_grad()
 def binding_table(pipe: Pipeline, scene_list: list[Scene], timesteps=TIMESTEPS, seed: int = 0) -> list[dict]:
     parts = pipe.parts
-    resolution = 64
+    resolution = FRAME
     images = np.stack([render(s, resolution) for s in scene_list]).astype(np.float32)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).to(pipe.device, pipe.dtype) / 127.5 - 1
     z0 = parts.vae.scale_latents(parts.vae.encode(pixels).mean)
@@ -90,7 +90,10 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
-    pipe = Pipeline.from_pretrained(args.model)
+    try:
+        pipe = Pipeline.from_pretrained(args.model)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     rows = binding_table(pipe, scenes(args.n, args.seed), seed=args.seed)
     if args.json:
         print(json.dumps(rows))

@@ -37,9 +37,13 @@ def noised_inputs(latents: torch.Tensor, alphas_cumprod: torch.Tensor, draws: St
     return x_t, t, target, abar
 
 
+def _snr(abar: torch.Tensor) -> torch.Tensor:
+    return abar / (1 - abar)
+
+
 def min_snr_weights(abar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """min(SNR, gamma) / SNR for eps targets; / (SNR + 1) for v targets, whose loss already carries SNR + 1."""
-    snr = abar / (1 - abar)
+    snr = _snr(abar)
     clipped = snr.clamp(max=gamma)
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
@@ -47,7 +51,7 @@ def min_snr_weights(abar: torch.Tensor, gamma: float, prediction_type: str) -> t
 def debiased_weights(abar: torch.Tensor, prediction_type: str) -> torch.Tensor:
     """1 / sqrt(SNR) for eps targets, 1 / (SNR + 1) for v targets, with SNR clipped at 1000 as kohya does
     (at t = 0 the SNR is nearly unbounded)."""
-    snr = (abar / (1 - abar)).clamp(max=1000.0)
+    snr = _snr(abar).clamp(max=1000.0)
     return 1 / (snr + 1) if prediction_type == "v_prediction" else snr.rsqrt()
 
 
