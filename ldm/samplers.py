@@ -173,6 +173,7 @@ _FAMILY = {"ddpm": "ddpm", "ddim": "ddim", "euler": "euler", "euler_ancestral": 
            "dpmpp_2m": "dpm"}
 _VP_LATENTS = {"ddpm", "ddim", "dpmpp_2m"}
 _KARRAS_FROM_CONFIG = {"euler", "heun", "dpmpp_2m"}  # diffusers classes that read use_karras_sigmas
+_ZERO_SNR = {"euler", "euler_ancestral", "dpmpp_2m"}  # their diffusers classes clamp abar_T to 2**-24
 _CLIP_DEFAULT = {"ddim": True, "ddpm": True, "heun": False}  # classes that read clip_sample, and its default
 
 
@@ -220,6 +221,11 @@ def plan_sampling(schedule: NoiseSchedule, sampler: str, steps: int, *, karras: 
         raise ValueError(f"steps ({steps}) cannot exceed num_train_timesteps ({total})")
     if strength is not None and not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if schedule.rescale_betas_zero_snr and sampler not in _ZERO_SNR:
+        # diffusers' Heun ignores the key (it would sample a schedule the model was not trained on);
+        # DDIM/DDPM start at sigma = infinity, which the VE-space samplers here cannot represent
+        raise ValueError(f"sampler {sampler} does not support zero-terminal-SNR schedules "
+                         f"(rescale_betas_zero_snr); use one of {', '.join(sorted(_ZERO_SNR))}")
     family = _FAMILY[sampler]
     spacing = schedule.timestep_spacing or ("leading" if family in ("ddim", "ddpm") else "linspace")
     karras = bool(schedule.use_karras_sigmas and sampler in _KARRAS_FROM_CONFIG) if karras is None else karras

@@ -25,7 +25,7 @@ DDPM_VARIANCES = {None: "fixed_small", "fixed_small": "fixed_small", "fixed_smal
 
 # Config keys we do not implement: sampling is only equal to diffusers' when they hold these values.
 _REQUIRED_VALUES: dict[str, tuple] = {
-    "thresholding": (False, None), "rescale_betas_zero_snr": (False, None),
+    "thresholding": (False, None),
     "use_exponential_sigmas": (False, None), "use_beta_sigmas": (False, None), "use_lu_lambdas": (False, None),
     "use_flow_sigmas": (False, None), "use_dynamic_shifting": (False, None),
     "interpolation_type": ("linear",), "timestep_type": ("discrete",), "final_sigmas_type": ("zero",),
@@ -66,6 +66,11 @@ class NoiseSchedule:
     use_karras_sigmas: bool = False
     ddpm_variance: str = "fixed_small"  # config key "variance_type"
     lambda_min_clipped: float = -math.inf  # DPMSolver: drop the low-SNR end of a cosine schedule
+    # Lin et al. 2023: shift and scale sqrt(alphas_cumprod) so the last timestep is pure noise. Without
+    # it, x_T still carries a little of the image at training time but none at sampling time, and the
+    # model learns to read the layout from that leak instead of from the prompt. Train it with v-prediction:
+    # an eps model's x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) is undefined at abar = 0.
+    rescale_betas_zero_snr: bool = False
 
     def __post_init__(self) -> None:
         if self.trained_betas is not None:
@@ -118,12 +123,12 @@ class NoiseSchedule:
                 raise ValueError(f"scheduler config {key} must be {types[key].__name__}, got {value!r}")
             kw[key] = value
         kw["timestep_spacing"] = cfg.get("timestep_spacing")  # None: each class's default, see above
-        for key in ("set_alpha_to_one", "clip_sample", "use_karras_sigmas"):
+        for key in ("set_alpha_to_one", "clip_sample", "use_karras_sigmas", "rescale_betas_zero_snr"):
             value = cfg.get(key)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"scheduler config {key} must be true or false, got {value!r}")
             # present-but-null behaves as False in diffusers (the attribute is just falsy)
-            kw[key] = bool(value) if key in cfg or key == "use_karras_sigmas" else None
+            kw[key] = bool(value) if key in cfg or key in ("use_karras_sigmas", "rescale_betas_zero_snr") else None
         return cls(**kw)
 
     def to_diffusers_config(self) -> dict[str, Any]:
@@ -139,7 +144,7 @@ class NoiseSchedule:
             elif f.name == "lambda_min_clipped":
                 if math.isfinite(value):  # -inf is the default and is not valid JSON
                     cfg[f.name] = value
-            elif f.name == "use_karras_sigmas":  # DDIM does not know the key: only write it when it matters
+            elif f.name in ("use_karras_sigmas", "rescale_betas_zero_snr"):  # only written when it matters
                 if value:
                     cfg[f.name] = value
             elif value is not None:
@@ -151,26 +156,48 @@ class NoiseSchedule:
     def betas(self) -> torch.Tensor:
         n = self.num_train_timesteps
         if self.trained_betas is not None:
-            return torch.tensor(self.trained_betas, dtype=torch.float32)
-        if self.beta_schedule == "linear":
-            return torch.linspace(self.beta_start, self.beta_end, n, dtype=torch.float32)
-        if self.beta_schedule == "scaled_linear":
-            return torch.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=torch.float32) ** 2
-        return betas_for_alpha_bar(n)
+            betas = torch.tensor(self.trained_betas, dtype=torch.float32)
+        elif self.beta_schedule == "linear":
+            betas = torch.linspace(self.beta_start, self.beta_end, n, dtype=torch.float32)
+        elif self.beta_schedule == "scaled_linear":
+            betas = torch.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=torch.float32) ** 2
+        else:
+            betas = betas_for_alpha_bar(n)
+        return rescale_zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
+        """Exactly 0 at the last timestep of a zero-terminal-SNR schedule: training and DDIM/DDPM use this."""
         return torch.cumprod(1.0 - self.betas, dim=0)
+
+    @property
+    def sigma_alphas_cumprod(self) -> torch.Tensor:
+        """alphas_cumprod as diffusers' sigma-based schedulers (Euler, DPM-Solver) hold it: a zero
+        terminal value becomes 2**-24, so that the first sigma is 4096 and not infinite."""
+        ac = self.alphas_cumprod
+        if self.rescale_betas_zero_snr:
+            ac[-1] = 2**-24
+        return ac
 
     @property
     def sigmas(self) -> torch.Tensor:
         """Training sigmas, indexed by timestep (ascending), float32 like diffusers' Euler/DPM."""
-        ac = self.alphas_cumprod
+        ac = self.sigma_alphas_cumprod
         return ((1 - ac) / ac) ** 0.5
 
     @property
     def log_sigmas(self) -> np.ndarray:
         return np.log(self.sigmas.numpy())
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Algorithm 1, in diffusers' float32 order: betas whose last alphas_cumprod is 0
+    and whose first is unchanged."""
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    abar = root**2
+    return 1 - torch.cat([abar[0:1], abar[1:] / abar[:-1]])
 
 
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -212,7 +239,7 @@ def spaced_timesteps(schedule: NoiseSchedule, steps: int, spacing: str, family: 
     total = schedule.num_train_timesteps
     if family == "dpm":
         # clipping lambda(t) from below removes the noisiest timesteps (cosine schedules)
-        ac = schedule.alphas_cumprod
+        ac = schedule.sigma_alphas_cumprod
         lambdas = torch.log(torch.sqrt(ac)) - torch.log(torch.sqrt(1 - ac))
         last = total - int(torch.searchsorted(torch.flip(lambdas, [0]), schedule.lambda_min_clipped))
         if spacing == "linspace":

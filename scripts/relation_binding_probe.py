@@ -47,6 +47,13 @@ def scenes(n: int, seed: int) -> list[Scene]:
     return out
 
 
+def predicted_x0(out: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The clean latent implied by the model's output at alpha_bar; v also works at zero SNR (abar = 0)."""
+    if prediction_type == "v_prediction":
+        return abar.sqrt() * x_t - (1 - abar).sqrt() * out
+    return (x_t - (1 - abar).sqrt() * out) / abar.sqrt()
+
+
 @torch.no_grad()
 def binding_table(pipe: Pipeline, scene_list: list[Scene], timesteps=TIMESTEPS, seed: int = 0) -> list[dict]:
     parts = pipe.parts
@@ -69,8 +76,7 @@ def binding_table(pipe: Pipeline, scene_list: list[Scene], timesteps=TIMESTEPS, 
         tt = torch.full((len(scene_list),), t, device=z0.device)
         row = {"t": t, "alpha_bar": round(float(abar), 4)}
         for name, states in (("true_caption", true_states), ("mirrored_caption", false_states)):
-            eps = parts.unet(x_t, tt, states)  # both captions see the same x_t
-            x0 = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+            x0 = predicted_x0(parts.unet(x_t, tt, states), x_t, abar, parts.schedule.prediction_type)
             decoded = ((parts.vae.decode(parts.vae.unscale_latents(x0)).clamp(-1, 1) + 1) * 127.5)
             decoded = decoded.permute(0, 2, 3, 1).float().cpu().numpy()
             hits = 0

@@ -145,3 +145,40 @@ def test_half_precision_vae_overflow_is_retried_in_fp32(model_dir):
     got = pipe.decode(latents)
     assert torch.isfinite(got).all() and (got - want).abs().max() < 0.05
     assert pipe.parts.vae.decoder.conv_in.weight.dtype == torch.float16  # restored afterwards
+
+
+@pytest.fixture(scope="module")
+def zero_snr_dir(tmp_path_factory):
+    """An SD2-style v-prediction folder whose scheduler config asks for a zero-terminal-SNR schedule."""
+    import json
+
+    folder = write_tiny_sd_folder(tmp_path_factory.mktemp("zsnr"), "sd2", "v_prediction", "trailing")
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "rescale_betas_zero_snr": True}))
+    return folder
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler", "euler_ancestral"])
+def test_zero_terminal_snr_model_matches_diffusers(zero_snr_dir, sampler):
+    ref, pipe = reference(zero_snr_dir, sampler), ours(zero_snr_dir)
+    assert ref.scheduler.config.rescale_betas_zero_snr and pipe.parts.schedule.rescale_betas_zero_snr
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    kw = dict(prompt="a red circle", num_inference_steps=6, guidance_scale=5.0, guidance_rescale=0.7,
+              height=32, width=32)
+    want = {t: ref(**kw, latents=noise, generator=torch.Generator().manual_seed(3), output_type=t).images
+            for t in ("latent", "np")}
+    got = {t: pipe(**kw, latents=noise, seed=3, sampler=sampler, output_type=t).images for t in ("latent", "np")}
+    assert_close(got["latent"], want["latent"], got["np"], want["np"])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    ref = reference(zero_snr_dir, sampler, img2img=True)
+    kw = dict(prompt="a red circle", strength=0.7, num_inference_steps=10, guidance_scale=4.0)
+    want = ref(image=image, **kw, generator=torch.Generator().manual_seed(5), output_type="latent").images
+    got = pipe.img2img(image, **kw, seed=5, sampler=sampler, output_type="latent").images
+    assert (got - want).abs().max().item() <= LATENT_TOL
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "heun"])
+def test_zero_terminal_snr_model_refuses_other_samplers_in_one_line(zero_snr_dir, sampler):
+    with pytest.raises(ValueError, match="zero-terminal-SNR") as err:
+        ours(zero_snr_dir)("a red circle", num_inference_steps=4, height=32, width=32, sampler=sampler)
+    assert len(str(err.value).splitlines()) == 1

@@ -348,8 +348,35 @@ def test_cfg_bad_input_is_a_clear_error():
         classifier_free_guidance(unet, cond, cond, 7.5)(torch.randn(3, 4, 8, 8), torch.zeros(3))
 
 
-@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_2m"])
-def test_tiny_unet_with_guidance_matches_diffusers_loop(name):
+ZERO_SNR_CASES = [("euler", "trailing", False), ("euler", "leading", False), ("euler", "trailing", True),
+                  ("euler_ancestral", "trailing", False), ("euler_ancestral", "linspace", False),
+                  ("dpmpp_2m", "trailing", False), ("dpmpp_2m", "leading", False), ("dpmpp_2m", "trailing", True)]
+
+
+@pytest.mark.parametrize("name,spacing,karras", ZERO_SNR_CASES)
+@pytest.mark.parametrize("strength", [None, 1.0, 0.7])
+def test_zero_terminal_snr_matches_diffusers(name, spacing, karras, strength):
+    """A v-prediction model on a rescaled (zero terminal SNR) schedule: the first level is sigma = 4096."""
+    cfg = sd_config(prediction_type="v_prediction", timestep_spacing=spacing, steps_offset=0,
+                    use_karras_sigmas=karras, rescale_betas_zero_snr=True)
+    ref, ref_gen = diffusers_run(name, cfg, 8, strength=strength)
+    out, gen, plan = ours_run(name, cfg, 8, strength=strength)
+    if strength != 0.7 and spacing == "trailing":
+        assert plan.sigmas[0].item() == pytest.approx(4096.0)
+    assert (out - ref).abs().max().item() <= TOL
+    assert_same_rng(gen, ref_gen)
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "heun"])
+def test_zero_terminal_snr_refused_where_not_reproducible(name):
+    schedule = NoiseSchedule(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    with pytest.raises(ValueError, match="rescale_betas_zero_snr") as err:
+        plan_sampling(schedule, name, 10)
+    assert len(str(err.value).splitlines()) == 1 and "dpmpp_2m" in str(err.value)
+
+
+@pytest.mark.parametrize("name,zero_snr", [("euler_ancestral", False), ("dpmpp_2m", False), ("dpmpp_2m", True)])
+def test_tiny_unet_with_guidance_matches_diffusers_loop(name, zero_snr):
     """The pipeline's inner loop: diffusers' tiny UNet, CFG with rescale, v-prediction, same seeds."""
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
     from tiny import tiny_unet
@@ -358,7 +385,7 @@ def test_tiny_unet_with_guidance_matches_diffusers_loop(name):
     cond, uncond = torch.randn(2, 6, 32, generator=g), torch.randn(2, 6, 32, generator=g)
     noise = torch.randn(2, 4, 16, 16, generator=g)
     cfg = sd_config(prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0,
-                    use_karras_sigmas=True)
+                    use_karras_sigmas=True, rescale_betas_zero_snr=zero_snr)
     sched = CLASSES[name].from_config(cfg)
     sched.set_timesteps(5)
     lat, gen = noise * sched.init_noise_sigma, torch.Generator().manual_seed(1)

@@ -141,7 +141,7 @@ def test_use_karras_sigmas_is_the_default_only_where_diffusers_reads_it():
 
 
 @pytest.mark.parametrize("key,value", [
-    ("thresholding", True), ("rescale_betas_zero_snr", True), ("use_exponential_sigmas", True),
+    ("thresholding", True), ("rescale_betas_zero_snr", "yes"), ("use_exponential_sigmas", True),
     ("final_sigmas_type", "sigma_min"), ("algorithm_type", "sde-dpmsolver++"), ("solver_order", 3),
     ("solver_type", "heun"), ("interpolation_type", "log_linear"), ("timestep_type", "continuous"),
     ("variance_type", "learned_range"), ("prediction_type", "sample"), ("beta_schedule", "sigmoid"),
@@ -174,3 +174,26 @@ def test_to_diffusers_config_round_trips_and_loads_in_diffusers(schedule):
     assert torch.equal(ddim.alphas_cumprod, schedule.alphas_cumprod)
     ddim.set_timesteps(10)
     assert torch.equal(plan_sampling(schedule, "ddim", 10).timesteps, ddim.timesteps.double())
+
+
+@pytest.mark.parametrize("beta_schedule,trained", [("scaled_linear", False), ("linear", False),
+                                                   ("squaredcos_cap_v2", False), ("linear", True)])
+def test_zero_terminal_snr_schedule_matches_diffusers(beta_schedule, trained):
+    """Lin et al.'s rescale: DDIM/DDPM (and training) hold alphas_cumprod[-1] = 0 exactly; Euler and
+    DPM-Solver replace it with 2**-24. Ours must equal each, bit for bit, and survive a save/load."""
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    betas = tuple(np.linspace(1e-4, 0.02, 1000).tolist()) if trained else None
+    schedule = NoiseSchedule(beta_schedule=beta_schedule, trained_betas=betas, prediction_type="v_prediction",
+                             timestep_spacing="trailing", steps_offset=0, rescale_betas_zero_snr=True)
+    cfg = json.loads(json.dumps(schedule.to_diffusers_config()))
+    assert cfg["rescale_betas_zero_snr"] is True and NoiseSchedule.from_diffusers_config(cfg) == schedule
+    for cls in (DDIMScheduler, DDPMScheduler):
+        assert torch.equal(cls.from_config(cfg).alphas_cumprod, schedule.alphas_cumprod)
+    assert schedule.alphas_cumprod[-1].item() == 0.0
+    plain = NoiseSchedule(beta_schedule=beta_schedule, trained_betas=betas)
+    assert schedule.alphas_cumprod[0] == pytest.approx(plain.alphas_cumprod[0].item(), rel=1e-6)
+    for cls in (EulerDiscreteScheduler, DPMSolverMultistepScheduler):
+        assert torch.equal(cls.from_config(cfg).alphas_cumprod, schedule.sigma_alphas_cumprod)
+    assert schedule.sigmas[-1].item() == pytest.approx(4096.0)
+    assert "rescale_betas_zero_snr" not in NoiseSchedule().to_diffusers_config()

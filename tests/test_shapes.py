@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFilter
 
 from ldm.shapes import (
@@ -319,6 +320,21 @@ def _load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.mark.parametrize("prediction_type,zero_snr,t", [("epsilon", False, 999), ("v_prediction", False, 999),
+                                                      ("v_prediction", True, 999), ("v_prediction", True, 500)])
+def test_relation_binding_probe_x0_matches_diffusers(prediction_type, zero_snr, t):
+    from diffusers import DDPMScheduler
+
+    probe = _load_script("relation_binding_probe")
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                          prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr)
+    g = torch.Generator().manual_seed(0)
+    x_t, out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    ref = sched.step(out, t, x_t, generator=g).pred_original_sample
+    ours = probe.predicted_x0(out, x_t, sched.alphas_cumprod[t], prediction_type)
+    assert torch.isfinite(ours).all() and (ours - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
 
 
 def test_relation_binding_probe_mirrors_only_the_direction(tmp_path):

@@ -14,14 +14,16 @@ from ldm.train.order import StepDraws
 TOL = 1e-6
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type,zero_snr", [("epsilon", False), ("v_prediction", False),
+                                                     ("v_prediction", True)])
 @pytest.mark.parametrize("beta_schedule", ["scaled_linear", "squaredcos_cap_v2"])
-def test_noised_inputs_match_diffusers_scheduler(prediction_type, beta_schedule):
+def test_noised_inputs_match_diffusers_scheduler(prediction_type, zero_snr, beta_schedule):
     from diffusers import DDPMScheduler
 
-    schedule = NoiseSchedule(beta_schedule=beta_schedule, prediction_type=prediction_type)
+    schedule = NoiseSchedule(beta_schedule=beta_schedule, prediction_type=prediction_type,
+                             rescale_betas_zero_snr=zero_snr)
     ref = DDPMScheduler(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012,
-                        prediction_type=prediction_type)
+                        prediction_type=prediction_type, rescale_betas_zero_snr=zero_snr)
     latents = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     x_t, t, target, abar = noised_inputs(latents, schedule.alphas_cumprod, StepDraws(0, 3, 6, 1, 0), 1000,
                                          prediction_type)
@@ -33,6 +35,23 @@ def test_noised_inputs_match_diffusers_scheduler(prediction_type, beta_schedule)
     expected = noise if prediction_type == "epsilon" else ref.get_velocity(latents, noise, t)
     assert (target - expected).abs().max() <= TOL
     assert (abar - ref.alphas_cumprod[t]).abs().max() <= TOL
+
+
+def test_zero_terminal_snr_last_step_is_pure_noise_and_v_is_minus_x0():
+    """At t = T of a rescaled schedule x_t carries nothing of the image: the model must take it from the prompt."""
+    schedule = NoiseSchedule(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    latents = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    draws = StepDraws(0, 3, 6, 1, 0)
+    # every timestep is T: an alphas_cumprod table whose entries all equal the schedule's last one
+    last = schedule.alphas_cumprod[-1:].expand(1000).clone()
+    x_t, _, target, abar = noised_inputs(latents, last, draws, 1000, "v_prediction")
+    noise = StepDraws(0, 3, 6, 1, 0)
+    noise.randint(1000)
+    assert torch.equal(abar, torch.zeros(6))
+    assert torch.equal(x_t, noise.randn(4, 8, 8)) and torch.equal(target, -latents)
+    loss = diffusion_loss(torch.zeros_like(target), target, abar, "v_prediction", min_snr_gamma=5.0)
+    assert loss.item() == 0.0  # min-SNR gives the pure-noise step no weight: why stage 6 trains without it
+    assert diffusion_loss(torch.zeros_like(target), target, abar, "v_prediction").item() > 0.5
 
 
 def test_noise_offset_adds_a_per_channel_constant():
