@@ -50,6 +50,11 @@ class Denoiser:
 
     def __call__(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         t = torch.full((x.shape[0],), self.timestep(sigma), dtype=torch.float32, device=x.device)
+        if math.isinf(sigma):  # zero terminal SNR: x is already the VP latent (see samplers.py)
+            if self.prediction_type != "v_prediction":
+                raise ValueError("an epsilon-prediction model cannot denoise pure noise (zero terminal SNR); "
+                                 "it needs prediction_type v_prediction")
+            return -self.model(x, t).to(x.dtype)  # x0 = sqrt(abar) x - sqrt(1 - abar) v at abar = 0
         out = self.model(x / math.sqrt(sigma**2 + 1), t).to(x.dtype)
         if self.prediction_type == "epsilon":
             return x - sigma * out

@@ -8,6 +8,10 @@ converts diffusers' latents to and from VE space around the sampler.
 
 diffusers keeps DDIM, DDPM and DPM-Solver latents in VP space (x_vp = x_ve / sqrt(1 + sigma^2)) and
 the Euler family's in VE space; that is the only reason `sample` needs to know which is which.
+
+A zero-terminal-SNR schedule starts DDIM and DDPM at sigma = infinity (alphas_cumprod = 0), where
+x_ve is not a number. At that level x holds the VP latent instead (x_ve / sigma, pure noise), the
+denoiser reads it as such, and the first step takes the sigma -> infinity limit of its formula.
 """
 from __future__ import annotations
 
@@ -34,7 +38,10 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 def _ancestral(sigma: float, sigma_to: float, eta: float) -> tuple[float, float]:
     """Split the step sigma -> sigma_to into a deterministic part (down) and fresh noise (up)."""
-    up = eta * math.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)
+    if math.isinf(sigma):
+        up = eta * sigma_to
+    else:
+        up = eta * math.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)
     return up, math.sqrt(max(sigma_to**2 - up**2, 0.0))  # max: rounding when sigma_to << sigma
 
 
@@ -128,7 +135,7 @@ def sample_ddim(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, 
     to = s[1:] if sigmas_to is None else sigmas_to.tolist()
     for i in range(len(s) - 1):
         denoised = denoiser(x, s[i])
-        eps = (x - denoised) / s[i]
+        eps = x if math.isinf(s[i]) else (x - denoised) / s[i]
         denoised = _clip(denoised, clip)
         up, down = _ancestral(s[i], to[i], eta)
         x = denoised + down * eps
@@ -153,9 +160,14 @@ def sample_ddpm(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, 
     for i in range(len(s) - 1):
         sigma, sigma_next = s[i], s[i + 1]
         denoised = _clip(denoiser(x, sigma), clip)
-        x = denoised + (sigma_next**2 / sigma**2) * (x - denoised)
+        if math.isinf(sigma):  # the limits: the mean is x0, the variances sigma_next^2 and 1 + sigma_next^2
+            x = denoised
+        else:
+            x = denoised + (sigma_next**2 / sigma**2) * (x - denoised)
         if i < len(s) - 2 or last_noise:
-            if variance == "fixed_small":
+            if math.isinf(sigma):
+                up = sigma_next if variance == "fixed_small" else math.sqrt(1 + sigma_next**2)
+            elif variance == "fixed_small":
                 up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
             else:
                 up = math.sqrt((1 + sigma_next**2) * (sigma**2 - sigma_next**2) / (1 + sigma**2))
@@ -173,7 +185,8 @@ _FAMILY = {"ddpm": "ddpm", "ddim": "ddim", "euler": "euler", "euler_ancestral": 
            "dpmpp_2m": "dpm"}
 _VP_LATENTS = {"ddpm", "ddim", "dpmpp_2m"}
 _KARRAS_FROM_CONFIG = {"euler", "heun", "dpmpp_2m"}  # diffusers classes that read use_karras_sigmas
-_ZERO_SNR = {"euler", "euler_ancestral", "dpmpp_2m"}  # their diffusers classes clamp abar_T to 2**-24
+# Euler's and DPM-Solver's diffusers classes clamp abar_T to 2**-24; DDIM's and DDPM's keep it 0
+_ZERO_SNR = {"euler", "euler_ancestral", "dpmpp_2m", "ddim", "ddpm"}
 _CLIP_DEFAULT = {"ddim": True, "ddpm": True, "heun": False}  # classes that read clip_sample, and its default
 
 
@@ -222,13 +235,15 @@ def plan_sampling(schedule: NoiseSchedule, sampler: str, steps: int, *, karras: 
     if strength is not None and not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     if schedule.rescale_betas_zero_snr and sampler not in _ZERO_SNR:
-        # diffusers' Heun ignores the key (it would sample a schedule the model was not trained on);
-        # DDIM/DDPM start at sigma = infinity, which the VE-space samplers here cannot represent
+        # diffusers' Heun ignores the key: it would sample a schedule the model was not trained on
         raise ValueError(f"sampler {sampler} does not support zero-terminal-SNR schedules "
                          f"(rescale_betas_zero_snr); use one of {', '.join(sorted(_ZERO_SNR))}")
     family = _FAMILY[sampler]
     spacing = schedule.timestep_spacing or ("leading" if family in ("ddim", "ddpm") else "linspace")
     karras = bool(schedule.use_karras_sigmas and sampler in _KARRAS_FROM_CONFIG) if karras is None else karras
+    if karras and family in ("ddim", "ddpm") and schedule.rescale_betas_zero_snr:
+        raise ValueError(f"karras levels for {sampler} (our extension) need a finite first sigma; "
+                         "this zero-terminal-SNR schedule starts at infinity")
     ts = spaced_timesteps(schedule, steps, spacing, family)
     if ts.min() < 0 or ts.max() > total - 1:
         raise ValueError(f"{spacing} spacing with {steps} steps and steps_offset {schedule.steps_offset} gives "
@@ -261,6 +276,8 @@ def add_noise(latents: torch.Tensor, noise: torch.Tensor, plan: SamplingPlan) ->
     """The img2img starting latents: `latents` noised to the plan's first level, in the same space
     (VP or VE) as diffusers' scheduler.add_noise returns for this sampler."""
     sigma = plan.sigmas[0].item()
+    if math.isinf(sigma):  # zero terminal SNR, DDIM/DDPM: nothing of the image is left
+        return noise.to(latents.dtype)
     if plan.vp_latents:
         scale = 1 / math.sqrt(1 + sigma**2)
         return scale * latents + (sigma * scale) * noise
@@ -279,7 +296,7 @@ def sample(sampler: str, denoiser: DenoiserFn, x: torch.Tensor, plan: SamplingPl
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     first, last = plan.sigmas[0].item(), plan.sigmas[-1].item()
-    if plan.vp_latents:
+    if plan.vp_latents and not math.isinf(first):  # at infinity x stays VP (module docstring)
         x = x * math.sqrt(1 + first**2)
     options: dict[str, Any] = {}
     if sampler == "ddim":

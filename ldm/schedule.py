@@ -274,7 +274,8 @@ def noise_levels(schedule: NoiseSchedule, family: str, steps: int, ts: np.ndarra
     if family in ("ddim", "ddpm"):
         # these schedulers index alphas_cumprod directly; sigma(t) in float64 from the float32 alphas
         ac = schedule.alphas_cumprod.double().numpy()
-        sig = np.sqrt((1 - ac) / ac)
+        with np.errstate(divide="ignore"):  # zero terminal SNR: the first level is infinite
+            sig = np.sqrt((1 - ac) / ac)
         levels, timesteps = sig[ts], ts.astype(np.float64)
         if family == "ddim":  # steps back a fixed stride; past t = 0 it lands on "final_alpha_cumprod"
             final = 0.0 if schedule.set_alpha_to_one in (None, True) else sig[0]

@@ -350,29 +350,53 @@ def test_cfg_bad_input_is_a_clear_error():
 
 ZERO_SNR_CASES = [("euler", "trailing", False), ("euler", "leading", False), ("euler", "trailing", True),
                   ("euler_ancestral", "trailing", False), ("euler_ancestral", "linspace", False),
-                  ("dpmpp_2m", "trailing", False), ("dpmpp_2m", "leading", False), ("dpmpp_2m", "trailing", True)]
+                  ("dpmpp_2m", "trailing", False), ("dpmpp_2m", "leading", False), ("dpmpp_2m", "trailing", True),
+                  ("ddim", "trailing", False), ("ddim", "linspace", False), ("ddpm", "trailing", False)]
 
 
 @pytest.mark.parametrize("name,spacing,karras", ZERO_SNR_CASES)
 @pytest.mark.parametrize("strength", [None, 1.0, 0.7])
 def test_zero_terminal_snr_matches_diffusers(name, spacing, karras, strength):
-    """A v-prediction model on a rescaled (zero terminal SNR) schedule: the first level is sigma = 4096."""
+    """A v-prediction model on a rescaled (zero terminal SNR) schedule. The first level is sigma = 4096
+    for Euler and DPM-Solver (diffusers clamps alphas_cumprod to 2**-24) and infinite for DDIM/DDPM."""
     cfg = sd_config(prediction_type="v_prediction", timestep_spacing=spacing, steps_offset=0,
                     use_karras_sigmas=karras, rescale_betas_zero_snr=True)
     ref, ref_gen = diffusers_run(name, cfg, 8, strength=strength)
     out, gen, plan = ours_run(name, cfg, 8, strength=strength)
-    if strength != 0.7 and spacing == "trailing":
-        assert plan.sigmas[0].item() == pytest.approx(4096.0)
+    if strength != 0.7 and spacing != "leading":
+        assert plan.sigmas[0].item() == (math.inf if name in ("ddim", "ddpm") else pytest.approx(4096.0))
     assert (out - ref).abs().max().item() <= TOL
     assert_same_rng(gen, ref_gen)
 
 
-@pytest.mark.parametrize("name", ["ddim", "ddpm", "heun"])
-def test_zero_terminal_snr_refused_where_not_reproducible(name):
-    schedule = NoiseSchedule(prediction_type="v_prediction", rescale_betas_zero_snr=True)
-    with pytest.raises(ValueError, match="rescale_betas_zero_snr") as err:
-        plan_sampling(schedule, name, 10)
-    assert len(str(err.value).splitlines()) == 1 and "dpmpp_2m" in str(err.value)
+@pytest.mark.parametrize("name,eta,variance", [("ddim", 0.5, None), ("ddim", 0.9, None), ("ddpm", None, "fixed_large")])
+def test_zero_terminal_snr_stochastic_first_step_matches_diffusers(name, eta, variance):
+    """DDIM with eta and DDPM with the large variance draw noise at the infinite first level too.
+    (Not eta = 1: there diffusers' DDIM takes sqrt(1 - abar_prev - std^2) of a rounding-negative number
+    on the first step and returns NaN; ours returns the limit.)"""
+    cfg = sd_config(prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0,
+                    rescale_betas_zero_snr=True, **({"variance_type": variance} if variance else {}))
+    ref, ref_gen = diffusers_run(name, cfg, 6, eta=eta)
+    out, gen, _ = ours_run(name, cfg, 6, eta=eta or 0.0)
+    assert (out - ref).abs().max().item() <= TOL
+    assert_same_rng(gen, ref_gen)
+
+
+def test_zero_terminal_snr_refusals_are_one_line():
+    """Heun (diffusers' class ignores the key), our Karras extension for DDIM/DDPM (it needs a finite
+    top level), and an eps model asked to denoise pure noise."""
+    zsnr = NoiseSchedule(prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0,
+                         rescale_betas_zero_snr=True)
+    for call, match in [(lambda: plan_sampling(zsnr, "heun", 10), "rescale_betas_zero_snr"),
+                        (lambda: plan_sampling(zsnr, "ddim", 10, karras=True), "karras")]:
+        with pytest.raises(ValueError, match=match) as err:
+            call()
+        assert len(str(err.value).splitlines()) == 1
+    eps = NoiseSchedule(prediction_type="epsilon", timestep_spacing="trailing", steps_offset=0,
+                        rescale_betas_zero_snr=True)
+    plan = plan_sampling(eps, "ddim", 4)
+    with pytest.raises(ValueError, match="v_prediction"):
+        sample("ddim", make_denoiser(ToyModel(), eps, plan), torch.randn(SHAPE), plan)
 
 
 @pytest.mark.parametrize("name,zero_snr", [("euler_ancestral", False), ("dpmpp_2m", False), ("dpmpp_2m", True)])
