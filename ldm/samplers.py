@@ -241,10 +241,10 @@ def plan_sampling(schedule: NoiseSchedule, sampler: str, steps: int, *, karras: 
     family = _FAMILY[sampler]
     spacing = schedule.timestep_spacing or ("leading" if family in ("ddim", "ddpm") else "linspace")
     karras = bool(schedule.use_karras_sigmas and sampler in _KARRAS_FROM_CONFIG) if karras is None else karras
-    if karras and family in ("ddim", "ddpm") and schedule.rescale_betas_zero_snr:
-        raise ValueError(f"karras levels for {sampler} (our extension) need a finite first sigma; "
-                         "this zero-terminal-SNR schedule starts at infinity")
     ts = spaced_timesteps(schedule, steps, spacing, family)
+    if karras and family in ("ddim", "ddpm") and schedule.rescale_betas_zero_snr and ts.max() == total - 1:
+        raise ValueError(f"karras levels for {sampler} (our extension) need a finite first sigma; "
+                         f"with {spacing} spacing this zero-terminal-SNR schedule starts at infinity")
     if ts.min() < 0 or ts.max() > total - 1:
         raise ValueError(f"{spacing} spacing with {steps} steps and steps_offset {schedule.steps_offset} gives "
                          f"timesteps outside [0, {total - 1}]; pick another step count")

@@ -46,6 +46,8 @@ def start_latents(pipe: Pipeline, noise: torch.Tensor, sampler: str, steps: int,
     """The `latents` argument that makes the pipeline start `sampler` from the VE point noise * sqrt(1 + sigma^2)."""
     plan = plan_sampling(pipe.parts.schedule, sampler, steps, karras=karras)
     sigma = plan.sigmas[0].item()
+    if math.isinf(sigma):  # zero terminal SNR on DDIM/DDPM: they start from the VP noise itself
+        return noise
     ve_per_latent = plan.init_noise_sigma * (math.sqrt(1 + sigma**2) if plan.vp_latents else 1.0)
     return noise * (math.sqrt(1 + sigma**2) / ve_per_latent)
 
@@ -106,7 +108,8 @@ def main() -> None:
     ap.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated")
     ap.add_argument("--steps", default="5,10,20,50,100",
                     help="comma-separated step counts (divisors of 1000 keep DDIM on its timestep grid)")
-    ap.add_argument("--reference-sampler", default="heun")
+    ap.add_argument("--reference-sampler", default=None,
+                    help="default heun; dpmpp_2m for zero-terminal-SNR models, which heun cannot sample")
     ap.add_argument("--reference-steps", type=int, default=500)
     ap.add_argument("--spacing", default="trailing", choices=["trailing", "linspace", "leading", "config"],
                     help="timestep spacing for every sampler ('config': the model's own)")
@@ -122,13 +125,17 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     samplers = [s for s in args.samplers.split(",") if s]
-    for name in samplers + [args.reference_sampler] + args.cache_samplers.split(","):
+    for name in samplers + [args.reference_sampler or ""] + args.cache_samplers.split(","):
         if name and name not in SAMPLERS:
             ap.error(f"unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
     if args.reference_sampler in STOCHASTIC:
         ap.error("the reference must be a deterministic sampler")
     pipe = Pipeline.from_pretrained(args.model)
     pipe.progress = False
+    zero_snr = pipe.parts.schedule.rescale_betas_zero_snr
+    args.reference_sampler = args.reference_sampler or ("dpmpp_2m" if zero_snr else "heun")
+    if zero_snr:  # heun refuses these models
+        samplers = [s for s in samplers if s != "heun"]
     if args.spacing != "config":
         pipe.parts.schedule = dataclasses.replace(pipe.parts.schedule, timestep_spacing=args.spacing)
     f = pipe.vae_scale_factor

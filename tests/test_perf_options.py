@@ -251,6 +251,21 @@ def test_sampler_error_script_starts_every_sampler_at_the_same_point(pipe):
         assert (x - starts[0]).abs().max().item() <= 1e-5 * starts[0].abs().max().item()
 
 
+def test_sampler_error_script_starts_zero_snr_samplers_at_the_same_noise(pipe):
+    """On a zero-terminal-SNR schedule DDIM starts at sigma = infinity (VP latents = the noise itself),
+    Euler and DPM-Solver at 4096: in VP space all three must start from the same noise."""
+    start_latents = runpy.run_path(str(SCRIPT))["start_latents"]
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    zsnr = dataclasses.replace(pipe.parts.schedule, timestep_spacing="trailing", steps_offset=0,
+                               prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    small = Pipeline(dataclasses.replace(pipe.parts, schedule=zsnr))
+    for sampler in ("euler", "dpmpp_2m", "ddim"):
+        plan = plan_sampling(zsnr, sampler, 10)
+        x = start_latents(small, noise, sampler, 10, False) * plan.init_noise_sigma
+        vp = x if plan.vp_latents else x / math.sqrt(1 + plan.sigmas[0].item() ** 2)
+        assert torch.isfinite(vp).all() and (vp - noise).abs().max().item() <= 1e-5 * noise.abs().max().item()
+
+
 def test_sampler_error_script_runs(tmp_path, monkeypatch):
     model = tmp_path / "model"
     write_tiny_sd_folder(model)

@@ -158,8 +158,9 @@ def zero_snr_dir(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler", "euler_ancestral", "ddim"])
-def test_zero_terminal_snr_model_matches_diffusers(zero_snr_dir, sampler):
+@pytest.mark.parametrize("sampler,strength", [("dpmpp_2m", 0.7), ("euler", 0.7), ("euler_ancestral", 0.7),
+                                              ("ddim", 0.7), ("ddim", 1.0), ("ddpm", 1.0)])
+def test_zero_terminal_snr_model_matches_diffusers(zero_snr_dir, sampler, strength):
     ref, pipe = reference(zero_snr_dir, sampler), ours(zero_snr_dir)
     assert ref.scheduler.config.rescale_betas_zero_snr and pipe.parts.schedule.rescale_betas_zero_snr
     noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -171,7 +172,7 @@ def test_zero_terminal_snr_model_matches_diffusers(zero_snr_dir, sampler):
     assert_close(got["latent"], want["latent"], got["np"], want["np"])
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     ref = reference(zero_snr_dir, sampler, img2img=True)
-    kw = dict(prompt="a red circle", strength=0.7, num_inference_steps=10, guidance_scale=4.0)
+    kw = dict(prompt="a red circle", strength=strength, num_inference_steps=10, guidance_scale=4.0)
     want = ref(image=image, **kw, generator=torch.Generator().manual_seed(5), output_type="latent").images
     got = pipe.img2img(image, **kw, seed=5, sampler=sampler, output_type="latent").images
     assert (got - want).abs().max().item() <= LATENT_TOL

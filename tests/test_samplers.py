@@ -354,6 +354,18 @@ ZERO_SNR_CASES = [("euler", "trailing", False), ("euler", "leading", False), ("e
                   ("ddim", "trailing", False), ("ddim", "linspace", False), ("ddpm", "trailing", False)]
 
 
+@pytest.mark.parametrize("name", ["ddim", "ddpm"])
+def test_zero_terminal_snr_clipped_x0_matches_diffusers(name):
+    """clip_sample at the infinite first level: x0 is clipped, the direction keeps the unclipped eps."""
+    cfg = sd_config(prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0,
+                    rescale_betas_zero_snr=True, clip_sample=True, clip_sample_range=0.5)
+    ref, ref_gen = diffusers_run(name, cfg, 6, model=ToyModel(gain=2.0))
+    out, gen, plan = ours_run(name, cfg, 6, model=ToyModel(gain=2.0))
+    assert plan.clip_sample_range == 0.5 and math.isinf(plan.sigmas[0].item())
+    assert (out - ref).abs().max().item() <= TOL
+    assert_same_rng(gen, ref_gen)
+
+
 @pytest.mark.parametrize("name,spacing,karras", ZERO_SNR_CASES)
 @pytest.mark.parametrize("strength", [None, 1.0, 0.7])
 def test_zero_terminal_snr_matches_diffusers(name, spacing, karras, strength):
@@ -392,6 +404,9 @@ def test_zero_terminal_snr_refusals_are_one_line():
         with pytest.raises(ValueError, match=match) as err:
             call()
         assert len(str(err.value).splitlines()) == 1
+    leading = NoiseSchedule(prediction_type="v_prediction", timestep_spacing="leading", steps_offset=1,
+                            rescale_betas_zero_snr=True)  # its top timestep is 901: finite, so Karras works
+    assert math.isfinite(plan_sampling(leading, "ddim", 10, karras=True).sigmas[0].item())
     eps = NoiseSchedule(prediction_type="epsilon", timestep_spacing="trailing", steps_offset=0,
                         rescale_betas_zero_snr=True)
     plan = plan_sampling(eps, "ddim", 4)

@@ -96,3 +96,23 @@ def test_lr_schedule_warmup_then_decay():
     lin = OptimConfig(decay="linear")
     assert lr_factor(5, lin, 10) == pytest.approx(0.5)
     assert lr_factor(7, OptimConfig(), 10) == 1.0
+
+
+def test_unet_stage_refuses_schedules_it_could_not_finish():
+    """Checked before the first step: an eps model on a zero-terminal-SNR schedule, and a validation
+    sampler that cannot sample the schedule, would otherwise fail hours in."""
+    from dataclasses import replace
+
+    from ldm.schedule import NoiseSchedule
+    from ldm.train.config import ValidationConfig
+    from ldm.train.stage_unet import check_schedule
+
+    zsnr = NoiseSchedule(prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0,
+                         rescale_betas_zero_snr=True)
+    cfg = UNetStageConfig(vae="runs/vae", validation=ValidationConfig(prompts=["a red circle"], sampler="heun"))
+    for schedule, message in ((replace(zsnr, prediction_type="epsilon"), "v_prediction"), (zsnr, "validation: sampler heun")):
+        with pytest.raises(ValueError, match=message) as err:
+            check_schedule(schedule, cfg)
+        assert len(str(err.value).splitlines()) == 1
+    check_schedule(zsnr, replace(cfg, validation=ValidationConfig(prompts=["a red circle"])))  # dpmpp_2m: fine
+    check_schedule(zsnr, replace(cfg, validation=ValidationConfig(sampler="heun")))  # no prompts: never samples

@@ -12,6 +12,8 @@ from accelerate import Accelerator
 
 from ..model_io import ModelParts, save_diffusers_folder
 from ..pipeline import Pipeline
+from ..samplers import plan_sampling
+from ..schedule import NoiseSchedule
 from ..unet import UNet
 from .cache import LatentCache, TextCache
 from .components import build_parts
@@ -29,6 +31,20 @@ logger = logging.getLogger(__name__)
 LORA_FILE = "lora.safetensors"
 
 
+def check_schedule(schedule: NoiseSchedule, cfg: UNetStageConfig) -> None:
+    """Refuse now what would otherwise fail after hours: an eps model on a zero-terminal-SNR schedule
+    (its x0 is undefined at abar = 0, and min-SNR / debiased weights turn NaN / inf there), and a
+    validation sampler that cannot sample this schedule (heun on zero terminal SNR)."""
+    if schedule.rescale_betas_zero_snr and schedule.prediction_type != "v_prediction":
+        raise ValueError("schedule.rescale_betas_zero_snr needs schedule.prediction_type: v_prediction "
+                         "(an epsilon model cannot give x0 from pure noise)")
+    if cfg.validation.prompts:
+        try:
+            plan_sampling(schedule, cfg.validation.sampler, cfg.validation.steps)
+        except ValueError as e:
+            raise ValueError(f"validation: {e}") from None
+
+
 class UNetStage:
     def __init__(self, cfg: UNetStageConfig, accelerator: Accelerator, output_dir: Path,
                  dataset: CaptionDataset) -> None:
@@ -39,6 +55,7 @@ class UNetStage:
         self.vae = self.parts.vae.to(device)
         self.text = self.parts.text_encoder.to(device)
         self.schedule = self.parts.schedule
+        check_schedule(self.schedule, cfg)
         self.alphas_cumprod = self.schedule.alphas_cumprod.to(device)
         unet = self.parts.unet
         if cfg.lora.enabled:
