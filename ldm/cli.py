@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev_shapes.add_argument("--steps", type=int, default=25)
     ev_shapes.add_argument("--sampler", default="dpmpp_2m")
     ev_shapes.add_argument("--guidance", type=float, default=7.5)
+    ev_shapes.add_argument("--guidance-rescale", type=float, default=0.0,
+                           help="CFG rescale (Lin et al.; 0.7 is usual for zero-terminal-SNR models)")
     ev_shapes.add_argument("--n", type=int, default=50, help="prompts per category")
     ev_shapes.add_argument("--seed", type=int, default=0)
     ev_shapes.add_argument("--save-images", type=Path, help="folder for every generated image, marked ok/fail")
@@ -219,7 +221,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     pipe.progress = False  # one bar over the whole evaluation instead of one per image
     size = pipe.parts.unet.config.sample_size * pipe.vae_scale_factor
     options = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
-                   karras=args.karras, output_type="np")
+                   karras=args.karras, guidance_rescale=args.guidance_rescale, output_type="np")
 
     def generate(prompt: str, seed: int):
         return pipe(prompt, seed=seed, height=size, width=size, **options).images[0]
@@ -230,7 +232,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     scores = run_shapes_eval(generate, img2img, n=args.n, seed=args.seed, progress=not args.quiet,
                              save_dir=args.save_images, resolution=size)
-    scores.update(model=pipe.parts.name, steps=args.steps, sampler=args.sampler, guidance=args.guidance)
+    scores.update(model=pipe.parts.name, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
+                  guidance_rescale=args.guidance_rescale)
     print(json.dumps(scores, indent=2))
 
 

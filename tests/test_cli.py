@@ -134,3 +134,21 @@ def test_speed_flags_keep_the_image(model, tmp_path, capsys):
     plain, fast = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("plain", "fast"))
     assert np.abs(plain - fast).max() <= 1
     assert Image.open(tmp_path / "cached.png").size == (32, 32)
+
+
+def test_eval_shapes_reports_scores_and_its_settings(model, capsys):
+    """`ldm eval shapes` on a tiny random model: the JSON has every category, counts that add up, and
+    the settings it ran with; a bad guidance rescale is one line and a non-zero exit."""
+    import json
+
+    code, out, _ = run(capsys, "eval", "shapes", "--model", model, "--n", 2, "--steps", 2, "--guidance-rescale", 0.7,
+                       "--quiet")
+    assert code == 0
+    scores = json.loads(out)
+    for category in ("single_object", "two_object", "held_out", "img2img"):
+        counts = scores["counts"][category]
+        assert counts["total"] == 2 and scores[category] == counts["correct"] / 2
+    assert scores["guidance_rescale"] == 0.7 and scores["steps"] == 2 and scores["sampler"] == "dpmpp_2m"
+    code, _, err = run(capsys, "eval", "shapes", "--model", model, "--n", 1, "--steps", 2, "--guidance-rescale", 2,
+                       "--quiet")
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "guidance_rescale" in err
