@@ -38,10 +38,8 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 def _ancestral(sigma: float, sigma_to: float, eta: float) -> tuple[float, float]:
     """Split the step sigma -> sigma_to into a deterministic part (down) and fresh noise (up)."""
-    if math.isinf(sigma):
-        up = eta * sigma_to
-    else:
-        up = eta * math.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)
+    # in ratio form, so that sigma = infinity (zero terminal SNR) gives the limit eta * sigma_to
+    up = eta * sigma_to * math.sqrt(1 - (sigma_to / sigma) ** 2)
     return up, math.sqrt(max(sigma_to**2 - up**2, 0.0))  # max: rounding when sigma_to << sigma
 
 
@@ -160,17 +158,14 @@ def sample_ddpm(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, 
     for i in range(len(s) - 1):
         sigma, sigma_next = s[i], s[i + 1]
         denoised = _clip(denoiser(x, sigma), clip)
-        if math.isinf(sigma):  # the limits: the mean is x0, the variances sigma_next^2 and 1 + sigma_next^2
-            x = denoised
-        else:
-            x = denoised + (sigma_next**2 / sigma**2) * (x - denoised)
+        # ratio form: at sigma = infinity (zero terminal SNR) keep is 0 and each term takes its limit
+        keep = (sigma_next / sigma) ** 2
+        x = denoised + keep * (x - denoised)
         if i < len(s) - 2 or last_noise:
-            if math.isinf(sigma):
-                up = sigma_next if variance == "fixed_small" else math.sqrt(1 + sigma_next**2)
-            elif variance == "fixed_small":
-                up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+            if variance == "fixed_small":
+                up = sigma_next * math.sqrt(1 - keep)
             else:
-                up = math.sqrt((1 + sigma_next**2) * (sigma**2 - sigma_next**2) / (1 + sigma**2))
+                up = math.sqrt((1 + sigma_next**2) * (1 - (1 + sigma_next**2) / (1 + sigma**2)))
             x = x + _noise_like(x, generator) * up
         _report(callback, i, x, sigma, denoised)
     return x
