@@ -360,3 +360,50 @@ def test_relation_binding_probe_mirrors_only_the_direction(tmp_path):
     probe.mirrored = lambda s: s.caption()  # the "false" caption now equals the true one
     same = probe.binding_table(pipe, scene_list, timesteps=(999, 500))
     assert all(r["true_caption"] == r["mirrored_caption"] for r in same)
+
+
+def test_align_vae_colours_folds_an_exact_latent_map(tmp_path, monkeypatch):
+    """scripts/align_vae_colours.py: the map z' = A z - c folded into the VAE's 1x1 convolutions leaves
+    reconstructions unchanged and gives exactly A z - c as the new latent; the U-Net carried over
+    satisfies unet'(M x) = M unet(x); and the stretch raises the smallest pairwise cosine."""
+    from tiny import write_tiny_sd_folder
+
+    from ldm.pipeline import Pipeline
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    align = _load_script("align_vae_colours")
+    parts = Pipeline.from_pretrained(write_tiny_sd_folder(tmp_path / "m")).parts
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    w = torch.nn.functional.normalize(torch.randn(4, generator=g), dim=0)
+    a, centre = align.stretch_matrix(w, 3.0), torch.randn(4, generator=g)
+    with torch.no_grad():
+        z = parts.vae.encode(x).mean
+        before = parts.vae.decode(z)
+        align.fold_into_vae(parts.vae, a, centre)
+        z_new = parts.vae.encode(x).mean
+        after = parts.vae.decode(z_new)
+    assert torch.allclose(z_new, torch.einsum("ij,bjhw->bihw", a, z) - centre.view(1, 4, 1, 1), atol=1e-5)
+    assert (after - before).abs().max() <= 1e-4
+
+    unet = parts.unet
+    latents, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
+    states = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    m = 1.7 * a
+    with torch.no_grad():
+        out = unet(latents, t, states)
+        align.fold_into_unet(unet, m)
+        out_new = unet(torch.einsum("ij,bjhw->bihw", m, latents), t, states)
+    assert torch.allclose(out_new, torch.einsum("ij,bjhw->bihw", m, out), atol=1e-4)
+
+    # offsets in one half-space but with some pairs pointing apart, like the trained VAE's palette
+    offsets = {"a": torch.tensor([1.0, 0.9, 0.0, 0.0]), "b": torch.tensor([1.0, -0.9, 0.0, 0.0]),
+               "c": torch.tensor([0.4, 0.0, 1.0, 0.0]), "d": torch.tensor([0.4, 0.0, -1.0, 0.3])}
+    w, margin = align.shared_direction(offsets)
+    assert abs(float(w.norm()) - 1) < 1e-5
+    d = torch.nn.functional.normalize(torch.stack(list(offsets.values())), dim=1)
+    random_dirs = torch.nn.functional.normalize(torch.randn(20000, 4, generator=g), dim=1)
+    assert margin > 0 and margin >= float((random_dirs @ d.T).min(1).values.max()) - 1e-3
+    stretched = torch.nn.functional.normalize(d @ align.stretch_matrix(w, 4.0).T, dim=1)
+    assert float((stretched @ stretched.T).min()) > float((d @ d.T).min())
+    assert float((stretched @ stretched.T).min()) > 0
