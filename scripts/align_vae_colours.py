@@ -114,6 +114,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.stretch < 1:
         raise SystemExit(f"error: --stretch must be >= 1, got {args.stretch}")
+    if not (args.data / "metadata.jsonl").is_file():
+        raise SystemExit(f"error: {args.data} has no metadata.jsonl (make one with `ldm data shapes --out DIR`)")
     try:
         pipe = Pipeline.from_pretrained(args.model)
     except ValueError as e:
