@@ -30,16 +30,16 @@ model does with the signal; the noise is now isotropic in the new space, which f
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from img2img_colour_geometry import colour_offsets, cosines
 from ldm.model_io import save_diffusers_folder
 from ldm.pipeline import Pipeline
+from ldm.train.config import DataConfig
+from ldm.train.data import CaptionDataset, scan_records
+from ldm.train.stage_vae import posterior_std
 
 
 def shared_direction(offsets: dict[str, torch.Tensor], iters: int = 4000) -> tuple[torch.Tensor, float]:
@@ -84,24 +84,19 @@ def fold_into_unet(unet, m: torch.Tensor) -> None:
     unet.conv_out.bias.copy_(m @ unet.conv_out.bias)
 
 
-def dataset_images(data: Path, n: int) -> torch.Tensor:
-    rows = [json.loads(line) for line in (data / "metadata.jsonl").open()][:n]
-    images = np.stack([np.asarray(Image.open(data / r["file_name"]).convert("RGB")) for r in rows])
-    return torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
+def image_batches(data: Path, n: int, batch_size: int = 128) -> list[torch.Tensor]:
+    """The first `n` images of the dataset, read by the same loader training uses (bad files skipped)."""
+    records, _ = scan_records(DataConfig(path=str(data), verify_images=False), need_captions=False)
+    dataset = CaptionDataset(records, DataConfig(path=str(data)), seed=0)
+    n = min(n, len(dataset))
+    return [torch.stack([dataset.pixels(i, False)[0] for i in range(start, min(n, start + batch_size))])
+            for start in range(0, n, batch_size)]
 
 
 @torch.no_grad()
-def latent_mean(vae, x: torch.Tensor) -> torch.Tensor:
-    """Per-channel mean of the (unscaled) posterior means over the images `x`."""
-    return torch.cat([vae.encode(x[i:i + 128]).mean for i in range(0, len(x), 128)]).mean((0, 2, 3))
-
-
-@torch.no_grad()
-def latent_std(vae, x: torch.Tensor) -> float:
-    """1/scaling_factor: the std of posterior samples over the images `x` (stage 1's measure)."""
-    g = torch.Generator().manual_seed(0)
-    z = torch.cat([vae.encode(x[i:i + 128]).sample(g) for i in range(0, len(x), 128)]).double()
-    return float(z.std(unbiased=False))
+def latent_mean(vae, batches: list[torch.Tensor]) -> torch.Tensor:
+    """Per-channel mean of the (unscaled) posterior means over the images."""
+    return torch.cat([vae.encode(x).mean for x in batches]).mean((0, 2, 3))
 
 
 def main() -> None:
@@ -114,11 +109,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.stretch < 1:
         raise SystemExit(f"error: --stretch must be >= 1, got {args.stretch}")
-    if not (args.data / "metadata.jsonl").is_file():
-        raise SystemExit(f"error: {args.data} has no metadata.jsonl (make one with `ldm data shapes --out DIR`)")
     try:
         pipe = Pipeline.from_pretrained(args.model)
-    except ValueError as e:
+        batches = image_batches(args.data, args.samples)
+    except ValueError as e:  # DataError is one too
         raise SystemExit(f"error: {e}") from None
     parts = pipe.parts
     offsets = colour_offsets(pipe)
@@ -127,11 +121,10 @@ def main() -> None:
         raise SystemExit(f"error: the palette's latent offsets share no half-space (best margin {margin:.3f})")
     a = stretch_matrix(w, args.stretch)
     old_scale = parts.vae.config.scaling_factor
-    images = dataset_images(args.data, args.samples)
     # centred on the data's mean as well: stretching the constant background along w would otherwise
     # inflate the measured std, and the scaling factor would shrink everything the image varies in
-    fold_into_vae(parts.vae, a, a @ latent_mean(parts.vae, images))
-    parts.vae.config.scaling_factor = 1.0 / latent_std(parts.vae, images)
+    fold_into_vae(parts.vae, a, a @ latent_mean(parts.vae, batches))
+    parts.vae.config.scaling_factor = 1.0 / posterior_std(parts.vae, batches, torch.Generator().manual_seed(0))
     fold_into_unet(parts.unet, parts.vae.config.scaling_factor / old_scale * a)
     after = cosines(colour_offsets(pipe))
     worst = min((v, a_, b) for (a_, b), v in after.items() if a_ < b)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,17 @@ class _Reconstruct(nn.Module):
 def _to_pil(x: torch.Tensor) -> list[Image.Image]:
     arr = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
+
+
+@torch.no_grad()
+def posterior_std(vae: AutoencoderKL, batches: Iterable[torch.Tensor], generator: torch.Generator) -> float:
+    """Std of z ~ q(z|x) over the image batches (1/scaling_factor), accumulated in float64."""
+    total, total_sq, count = 0.0, 0.0, 0
+    for x in batches:
+        z = vae.encode(x).sample(generator).double()
+        total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), count + z.numel()
+    mean = total / count
+    return max(total_sq / count - mean * mean, 0.0) ** 0.5
 
 
 class VAEStage:
@@ -128,19 +140,12 @@ class VAEStage:
         path = save_grid(_to_pil(x) + _to_pil(recon), self.output_dir / "samples" / f"step-{step:08d}.png", columns=n)
         logger.info("reconstructions (top: input, bottom: decoded): %s", path)
 
-    @torch.no_grad()
     def latent_std(self, vae: AutoencoderKL) -> float:
         """Std of z ~ q(z|x) over up to `scale_samples` images: LDM's recipe for the scaling factor."""
-        n = min(self.cfg.scale_samples, len(self.dataset))
-        g = torch.Generator().manual_seed(self.cfg.train.seed)
-        total, total_sq, count = 0.0, 0.0, 0
-        for start in range(0, n, self.cfg.train.batch_size):
-            idx = range(start, min(n, start + self.cfg.train.batch_size))
-            x = torch.stack([self.dataset.pixels(i, False)[0] for i in idx]).to(self.accelerator.device)
-            z = vae.encode(x).sample(g).double()
-            total, total_sq, count = total + z.sum().item(), total_sq + z.pow(2).sum().item(), count + z.numel()
-        mean = total / count
-        return max(total_sq / count - mean * mean, 0.0) ** 0.5
+        n, bs = min(self.cfg.scale_samples, len(self.dataset)), self.cfg.train.batch_size
+        batches = (torch.stack([self.dataset.pixels(i, False)[0] for i in range(start, min(n, start + bs))])
+                   .to(self.accelerator.device) for start in range(0, n, bs))
+        return posterior_std(vae, batches, torch.Generator().manual_seed(self.cfg.train.seed))
 
     def finish(self) -> None:
         state = self.accelerator.get_state_dict(self.model)  # a collective under FSDP/ZeRO-3
