@@ -86,8 +86,9 @@ def fold_into_unet(unet, m: torch.Tensor) -> None:
 
 def image_batches(data: Path, n: int, batch_size: int = 128) -> list[torch.Tensor]:
     """The first `n` images of the dataset, read by the same loader training uses (bad files skipped)."""
-    records, _ = scan_records(DataConfig(path=str(data), verify_images=False), need_captions=False)
-    dataset = CaptionDataset(records, DataConfig(path=str(data)), seed=0)
+    cfg = DataConfig(path=str(data), verify_images=False)
+    records, _ = scan_records(cfg, need_captions=False)
+    dataset = CaptionDataset(records, cfg, seed=0)
     n = min(n, len(dataset))
     return [torch.stack([dataset.pixels(i, False)[0] for i in range(start, min(n, start + batch_size))])
             for start in range(0, n, batch_size)]
