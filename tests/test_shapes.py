@@ -407,3 +407,79 @@ def test_align_vae_colours_folds_an_exact_latent_map(tmp_path, monkeypatch):
     stretched = torch.nn.functional.normalize(d @ align.stretch_matrix(w, 4.0).T, dim=1)
     assert float((stretched @ stretched.T).min()) > float((d @ d.T).min())
     assert float((stretched @ stretched.T).min()) > 0
+
+
+@pytest.fixture
+def seed_script(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))  # it imports the probe's scenes
+    return _load_script("seed_relation_attention")
+
+
+def test_seed_relation_attention_labels_token_sides(seed_script):
+    """scripts/seed_relation_attention.py: each colour/shape word gets its own object's side on the axis
+    the caption states, in either phrasing; shared words, other axes and lone objects get none."""
+    from ldm.text import load_minilm
+
+    seed = seed_script
+    tok = load_minilm().tokenizer
+    red = {"colour": "red", "shape": "circle", "cx": 10.0, "cy": 30.0}
+    blue = {"colour": "blue", "shape": "square", "cx": 40.0, "cy": 35.0}
+
+    def by_word(caption, objects):
+        sides = seed.token_sides(tok, caption, objects, 16)
+        words = tok.convert_ids_to_tokens(tok(caption, padding="max_length", max_length=16)["input_ids"])
+        return {w: tuple(sides[j].tolist()) for j, w in enumerate(words) if sides[j].any()}
+
+    want = {"red": (-1.0, 0.0), "circle": (-1.0, 0.0), "blue": (1.0, 0.0), "square": (1.0, 0.0)}
+    assert by_word("a red circle to the left of a blue square", [red, blue]) == want
+    assert by_word("a blue square to the right of a red circle", [blue, red]) == want
+    blue_circle = dict(blue, shape="circle")
+    assert by_word("a red circle above a blue circle", [red, blue_circle]) == {"red": (0.0, -1.0), "blue": (0.0, 1.0)}
+    assert not seed.token_sides(tok, "a red circle", [red], 16).any()
+
+
+def test_seed_relation_attention_writes_exactly_the_side_term(seed_script):
+    """The written rows add alpha * (x . p)(e . s), summed over both axes, to head 0's scaled logits;
+    every other row and head is left as it was. Ridge recovers an exact linear map."""
+    from ldm.attention import Attention
+
+    seed = seed_script
+    g = torch.Generator().manual_seed(0)
+    x, truth = torch.randn(200, 6, generator=g), torch.randn(6, 2, generator=g)
+    assert torch.allclose(seed.ridge(x, x @ truth, lam=1e-9), truth, atol=1e-4)
+
+    attn = Attention(16, heads=2, head_dim=8, context_dim=12)
+    q0, k0 = attn.to_q.weight.detach().clone(), attn.to_k.weight.detach().clone()
+    position, side = torch.randn(16, 2, generator=g), torch.randn(12, 2, generator=g)
+    rows = seed.write_side_term(attn, position, side, alpha=3.0)
+    assert len(set(rows)) == 2 and all(0 <= r < 8 for r in rows)
+    kept = [r for r in range(16) if r not in rows]
+    assert torch.equal(attn.to_q.weight[kept], q0[kept]) and torch.equal(attn.to_k.weight[kept], k0[kept])
+    h, e = torch.randn(5, 16, generator=g), torch.randn(7, 12, generator=g)
+    with torch.no_grad():
+        q, k = attn.to_q(h)[:, rows], attn.to_k(e)[:, rows]
+    logits = q @ k.T / 8 ** 0.5
+    assert torch.allclose(logits, 3.0 * (h @ position) @ (e @ side).T, rtol=1e-4, atol=1e-4)
+
+
+def test_seed_relation_attention_fits_every_cross_attention_and_rejects_bad_data(tmp_path, monkeypatch, seed_script):
+    """Every cross-attention layer gets a position probe of the right shape; a missing dataset is one
+    clear error and writes nothing."""
+    from tiny import write_tiny_sd_folder
+
+    from ldm.pipeline import Pipeline
+
+    seed = seed_script
+    folder = write_tiny_sd_folder(tmp_path / "m")
+    pipe = Pipeline.from_pretrained(folder)
+    fitted = seed.fit_query_positions(pipe, 8, seed=0)
+    names = [n for n, _ in pipe.parts.unet.named_modules() if n.endswith("attn2")]
+    assert sorted(fitted) == sorted(names)
+    for name, (weights, r2) in fitted.items():
+        assert weights.shape == (pipe.parts.unet.get_submodule(name).to_q.in_features, 2) and r2 <= 1.0
+
+    monkeypatch.setattr("sys.argv", ["x", "--model", str(folder), "--data", str(tmp_path / "none"), "--out",
+                                     str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as exit_info:
+        seed.main()
+    assert "no such file" in str(exit_info.value) and not (tmp_path / "o").exists()

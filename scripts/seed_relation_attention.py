@@ -1,0 +1,176 @@
+"""Seed the U-Net's cross-attention with a "query position x token side" term, so direction can be learnt.
+
+The default model draws two objects on the axis the caption names, but which object goes on which
+side is a coin flip (MODEL_CARD.md). Both halves of what direction needs are linearly readable:
+- each cross-attention layer's input tells where its query sits (left/right, top/bottom), even from
+  pure noise, because the convolutions' zero padding marks the borders;
+- each colour or shape token's text state tells on which side the caption puts its object.
+Attention that puts the left object's tokens on the left needs their product, a bilinear term in
+q.k. Eight experiments (card) show gradient descent does not find it from a start near zero within
+thousands of steps: it is a saddle, since neither factor pays until the other exists.
+
+So this script builds the term and leaves the rest to training. It fits both probes by ridge
+regression (the query position on the U-Net's own activations at high-noise steps; the token side on
+training captions, labelled from the dataset's object records) and writes them into the two least
+used query/key rows of head 0 in every cross-attention layer where position is readable (R^2 of at
+least --min-r2). Per layer the term adds alpha * (x_q . p)(side_k . s) to that head's logits, with x_q
+and side_k in [-1, 1]. Nothing else changes: the U-Net keeps its diffusers architecture, and a
+warm-started `ldm train` run then learns to use (or drop) what the head now reads.
+
+    .venv/bin/python scripts/seed_relation_attention.py --model runs/unet_aligned --data data/shapes \\
+        --out runs/relation_init
+    # then: ldm train configs/default_unet_relation.yaml ... --set warm_start=runs/relation_init
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldm.model_io import save_diffusers_folder
+from ldm.pipeline import Pipeline
+from ldm.shapes import render
+from relation_binding_probe import scenes
+
+PROBE_TIMESTEPS = (999, 950, 900, 850)  # where the layout is decided
+POSITION_SCENES_SEED = 11  # not relation_binding_probe's seeds, so its check stays on unseen scenes
+
+
+def token_sides(tokenizer, caption: str, objects: list[dict], length: int) -> torch.Tensor:
+    """[length, 2]: per token, the (x, y) side of the object it names (-1 left/top, +1 right/bottom),
+    on the axis the caption states; 0 for every other token, for a word both objects share (their
+    shape when it is the same) and for an axis the caption does not state."""
+    sides = torch.zeros(length, 2)
+    if len(objects) != 2:
+        return sides
+    axes = ("left" in caption or "right" in caption, "above" in caption or "below" in caption)
+    ids = tokenizer(caption, padding="max_length", max_length=length, truncation=True)["input_ids"]
+    for j, word in enumerate(tokenizer.convert_ids_to_tokens(ids)):
+        named = [k for k, o in enumerate(objects) if word in (o["colour"], o["shape"])]
+        if len(named) != 1:
+            continue
+        own, other = objects[named[0]], objects[1 - named[0]]
+        for a, key in enumerate(("cx", "cy")):
+            if axes[a]:
+                sides[j, a] = float(np.sign(own[key] - other[key]))
+    return sides
+
+
+def ridge(x: torch.Tensor, y: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
+    x, y = x.double(), y.double()
+    return torch.linalg.solve(x.T @ x + lam * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y).float()
+
+
+@torch.no_grad()
+def fit_token_sides(pipe: Pipeline, rows: list[dict], held_out: list[dict], seed: int) -> tuple[torch.Tensor, float]:
+    """Ridge map text state -> (x side, y side), fitted on one random caption of each row (single-object
+    rows too: their tokens must read as no side), and its sign accuracy on `held_out`'s object tokens."""
+    encoder, rng = pipe.parts.text_encoder, random.Random(seed)
+
+    def states_and_sides(some: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        captions = [rng.choice(r["text"]) if isinstance(r["text"], list) else r["text"] for r in some]
+        states = torch.cat([encoder.encode(captions[i:i + 256]).states.float() for i in range(0, len(some), 256)])
+        sides = torch.stack([token_sides(encoder.tokenizer, c, r.get("objects", []), states.shape[1])
+                             for c, r in zip(captions, some)])
+        return states.flatten(0, 1), sides.flatten(0, 1)
+
+    weights = ridge(*states_and_sides(rows))
+    states, sides = states_and_sides(held_out)
+    named = sides != 0
+    return weights, float(((states @ weights)[named].sign() == sides[named]).float().mean())
+
+
+@torch.no_grad()
+def fit_query_positions(pipe: Pipeline, n_scenes: int, seed: int) -> dict[str, tuple[torch.Tensor, float]]:
+    """Per cross-attention layer: ridge map of its (normalised) input -> the query's (x, y) in [-1, 1],
+    fitted on two-object scenes noised to PROBE_TIMESTEPS, and the smaller of the two held-out R^2."""
+    parts = pipe.parts
+    inputs: dict[str, list[torch.Tensor]] = {}
+    hooks = [m.register_forward_hook(lambda m, args, out, name=name: inputs.setdefault(name, []).append(args[0]))
+             for name, m in parts.unet.named_modules() if name.endswith("attn2")]
+    scene_list = scenes(n_scenes, seed)
+    pixels = torch.from_numpy(np.stack([render(s, 64) for s in scene_list]).astype(np.float32))
+    z0 = parts.vae.scale_latents(parts.vae.encode(pixels.permute(0, 3, 1, 2) / 127.5 - 1).mean)
+    states = parts.text_encoder.encode([s.caption() for s in scene_list]).states
+    try:
+        for t in PROBE_TIMESTEPS:
+            abar = parts.schedule.alphas_cumprod[t]
+            x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * torch.randn_like(z0)
+            for i in range(0, n_scenes, 64):
+                parts.unet(x_t[i:i + 64], torch.full((len(x_t[i:i + 64]),), t), states[i:i + 64])
+    finally:
+        for h in hooks:
+            h.remove()
+    fitted = {}
+    for name, chunks in inputs.items():
+        h = torch.cat(chunks).float()  # [B, side*side, C]
+        side = int(round(h.shape[1] ** 0.5))
+        c = (torch.arange(side) + 0.5) / side * 2 - 1
+        yy, xx = torch.meshgrid(c, c, indexing="ij")
+        xy = torch.stack([xx.flatten(), yy.flatten()], -1).expand(len(h), -1, -1)
+        h, xy = h.flatten(0, 1), xy.flatten(0, 1)
+        split = int(0.8 * len(h))
+        weights = ridge(h[:split], xy[:split])
+        pred, truth = h[split:] @ weights, xy[split:]
+        r2 = 1 - ((pred - truth) ** 2).mean(0) / truth.var(0)
+        fitted[name] = (weights, float(r2.min()))
+    return fitted
+
+
+@torch.no_grad()
+def write_side_term(attn, position: torch.Tensor, side: torch.Tensor, alpha: float) -> list[int]:
+    """Overwrite head 0's two least used q/k rows so that head's logits gain
+    alpha * (x . position[:, 0]) (e . side[:, 0]) + the same for y. Returns the rows used."""
+    head_dim = attn.to_q.weight.shape[0] // attn.heads
+    use = attn.to_q.weight[:head_dim].norm(dim=1) * attn.to_k.weight[:head_dim].norm(dim=1)
+    rows = use.argsort()[:2].tolist()
+    beta = (alpha * head_dim ** 0.5) ** 0.5  # attention divides q.k by sqrt(head_dim)
+    for axis, row in enumerate(rows):
+        attn.to_q.weight[row] = beta * position[:, axis]
+        attn.to_k.weight[row] = beta * side[:, axis]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="a trained model folder")
+    ap.add_argument("--data", type=Path, required=True, help="a shapes dataset (`ldm data shapes`) with object records")
+    ap.add_argument("--captions", type=int, default=6000, help="dataset rows for the token-side probe (default 6000)")
+    ap.add_argument("--scenes", type=int, default=256, help="scenes for the position probes (default 256)")
+    ap.add_argument("--alpha", type=float, default=30.0, help="logit scale of the written term (default 30)")
+    ap.add_argument("--min-r2", type=float, default=0.5, help="skip layers whose position R^2 is lower (default 0.5)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True, help="where to write the model folder")
+    args = ap.parse_args()
+    metadata = args.data / "metadata.jsonl"
+    if not metadata.is_file():
+        raise SystemExit(f"error: {metadata}: no such file (make the dataset with `ldm data shapes`)")
+    torch.manual_seed(args.seed)  # before the model is built, whose init draws from it too
+    try:
+        rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
+        pipe = Pipeline.from_pretrained(args.model)
+    except (ValueError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if not any(len(r.get("objects", ())) == 2 for r in rows):
+        raise SystemExit(f"error: {metadata} has no two-object rows with object records")
+    random.Random(args.seed).shuffle(rows)
+    n = min(args.captions, len(rows) * 6 // 7)
+    side, accuracy = fit_token_sides(pipe, rows[:n], rows[n:n + n // 6], args.seed)
+    print(f"token side probe: sign right on {accuracy:.1%} of held-out object tokens")
+    for name, (position, r2) in fit_query_positions(pipe, args.scenes, POSITION_SCENES_SEED).items():
+        attn = pipe.parts.unet.get_submodule(name)
+        if r2 < args.min_r2:
+            print(f"{name}: position R^2 {r2:.2f}, left as it is")
+            continue
+        rows_used = write_side_term(attn, position, side, args.alpha)
+        print(f"{name}: position R^2 {r2:.2f}, side term written into head 0 rows {rows_used}")
+    save_diffusers_folder(pipe.parts, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
