@@ -33,7 +33,7 @@ import torch
 
 from ldm.model_io import save_diffusers_folder
 from ldm.pipeline import Pipeline
-from ldm.shapes import render
+from ldm.shapes import FRAME, render
 from relation_binding_probe import scenes
 
 PROBE_TIMESTEPS = (999, 950, 900, 850)  # where the layout is decided
@@ -93,7 +93,7 @@ def fit_query_positions(pipe: Pipeline, n_scenes: int, seed: int) -> dict[str, t
     hooks = [m.register_forward_hook(lambda m, args, out, name=name: inputs.setdefault(name, []).append(args[0]))
              for name, m in parts.unet.named_modules() if name.endswith("attn2")]
     scene_list = scenes(n_scenes, seed)
-    pixels = torch.from_numpy(np.stack([render(s, 64) for s in scene_list]).astype(np.float32))
+    pixels = torch.from_numpy(np.stack([render(s, FRAME) for s in scene_list]).astype(np.float32))
     z0 = parts.vae.scale_latents(parts.vae.encode(pixels.permute(0, 3, 1, 2) / 127.5 - 1).mean)
     states = parts.text_encoder.encode([s.caption() for s in scene_list]).states
     try:
@@ -132,6 +132,9 @@ def write_side_term(attn, position: torch.Tensor, side: torch.Tensor, alpha: flo
     for axis, row in enumerate(rows):
         attn.to_q.weight[row] = beta * position[:, axis]
         attn.to_k.weight[row] = beta * side[:, axis]
+        for linear in (attn.to_q, attn.to_k):
+            if linear.bias is not None:  # a biased projection would add terms outside the product
+                linear.bias[row] = 0.0
     return rows
 
 

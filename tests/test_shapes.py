@@ -448,7 +448,7 @@ def test_seed_relation_attention_writes_exactly_the_side_term(seed_script):
     x, truth = torch.randn(200, 6, generator=g), torch.randn(6, 2, generator=g)
     assert torch.allclose(seed.ridge(x, x @ truth, lam=1e-9), truth, atol=1e-4)
 
-    attn = Attention(16, heads=2, head_dim=8, context_dim=12)
+    attn = Attention(16, heads=2, head_dim=8, context_dim=12, bias=True)
     q0, k0 = attn.to_q.weight.detach().clone(), attn.to_k.weight.detach().clone()
     position, side = torch.randn(16, 2, generator=g), torch.randn(12, 2, generator=g)
     rows = seed.write_side_term(attn, position, side, alpha=3.0)
