@@ -100,8 +100,8 @@ def fit_query_positions(pipe: Pipeline, n_scenes: int, seed: int) -> dict[str, t
         for t in PROBE_TIMESTEPS:
             abar = parts.schedule.alphas_cumprod[t]
             x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * torch.randn_like(z0)
-            for i in range(0, n_scenes, 64):
-                parts.unet(x_t[i:i + 64], torch.full((len(x_t[i:i + 64]),), t), states[i:i + 64])
+            for x, c in zip(x_t.split(64), states.split(64)):
+                parts.unet(x, torch.full((len(x),), t), c)
     finally:
         for h in hooks:
             h.remove()
