@@ -158,8 +158,12 @@ def main() -> None:
         pipe = Pipeline.from_pretrained(args.model)
     except (ValueError, json.JSONDecodeError) as e:
         raise SystemExit(f"error: {e}") from None
-    if not any(len(r.get("objects", ())) == 2 for r in rows):
-        raise SystemExit(f"error: {metadata} has no two-object rows with object records")
+    object_keys = {"colour", "shape", "cx", "cy"}
+    rows = [r for r in rows if isinstance(r, dict) and r.get("text")
+            and all(isinstance(o, dict) and object_keys <= o.keys() for o in r.get("objects", ()))]
+    if not any(len(r.get("objects", ())) == 2 for r in rows) or len(rows) < 7:
+        raise SystemExit(f"error: {metadata} has too few captioned rows with two-object records "
+                         f"(each object needs {', '.join(sorted(object_keys))}); make it with `ldm data shapes`")
     random.Random(args.seed).shuffle(rows)
     n = min(args.captions, len(rows) * 6 // 7)
     side, accuracy = fit_token_sides(pipe, rows[:n], rows[n:n + n // 6], args.seed)

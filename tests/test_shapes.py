@@ -483,3 +483,10 @@ def test_seed_relation_attention_fits_every_cross_attention_and_rejects_bad_data
     with pytest.raises(SystemExit) as exit_info:
         seed.main()
     assert "no such file" in str(exit_info.value) and not (tmp_path / "o").exists()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metadata.jsonl").write_text('{"file_name": "a.png", "objects": [{}, {}]}\n')
+    monkeypatch.setattr("sys.argv", ["x", "--model", str(folder), "--data", str(tmp_path / "bad"), "--out",
+                                     str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as exit_info:
+        seed.main()
+    assert "two-object records" in str(exit_info.value) and not (tmp_path / "o").exists()
