@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--out", type=Path, required=True)
     shapes.add_argument("--n", type=int, required=True)
     shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--edit-pairs", type=int, default=0,
+                        help="also write this many img2img pairs (an object, and it recoloured or reshaped)")
     ev = sub.add_parser("eval", help="score a model").add_subparsers(dest="benchmark", required=True)
     ev_shapes = ev.add_parser("shapes", help="prompt fidelity on the shapes world, scored from pixels (JSON)")
     ev_shapes.add_argument("--steps", type=int, default=25)
@@ -209,7 +211,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
-    print(write_shapes_dataset(args.out, args.n, seed=args.seed))
+    print(write_shapes_dataset(args.out, args.n, seed=args.seed, edit_pairs=args.edit_pairs))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

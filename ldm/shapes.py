@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ MARGIN = 2  # px kept free at the canvas border so no object is clipped
 GAP = 2  # px kept free between two objects' boxes so both stay separate, visible components
 MIN_SEPARATION = 12  # px between centres along the relation's axis
 P_SINGLE = 0.4
+P_SHAPE_EDIT = 0.25  # share of edit pairs that change the shape; the others change the colour
 
 
 @dataclass(frozen=True)
@@ -213,15 +214,33 @@ def random_scene(rng: random.Random, *, allow_held_out: bool = False, p_single: 
     return place_pair(rng, a, b, rng.choice(RELATIONS))
 
 
+def edit_pair(rng: random.Random) -> tuple[Scene, Scene]:
+    """(source, target): one object, and the same object at the same place and size with a new colour
+    or (P_SHAPE_EDIT of the time) a new shape; neither is a held-out pair."""
+    colour, shape, size = random_attributes(rng)
+    source = place_single(rng, colour, shape, size)
+    if rng.random() < P_SHAPE_EDIT:
+        change = {"shape": rng.choice([s for s in SHAPES if s != shape and (colour, s) not in HELD_OUT])}
+    else:
+        change = {"colour": rng.choice([c for c in COLOURS if c != colour and (c, shape) not in HELD_OUT])}
+    return source, Scene((replace(source.objects[0], **change),))
+
+
 def write_shapes_dataset(
-    out: Path, n: int, seed: int = 0, resolution: int = FRAME, progress: bool = True
+    out: Path, n: int, seed: int = 0, resolution: int = FRAME, progress: bool = True, edit_pairs: int = 0
 ) -> Path:
     """Write `n` PNGs plus an imagefolder-style metadata.jsonl into `out` and return `out`.
 
     Each row holds `file_name`, `text` (caption variants, canonical first), `caption` (canonical) and
     the ground truth (`objects`, `relation`). Image i depends only on (seed, i), so a larger `n` extends
     a smaller one. Files this writer owns are overwritten; anything else in `out` is left alone.
+
+    `edit_pairs` more rows are img2img training pairs (`edit_pair`): `source_file_name` names the
+    starting image, and the row's image and captions are the edited object; `source` holds the
+    starting scene. Pair j depends only on (seed, j).
     """
+    if edit_pairs < 0:
+        raise ValueError(f"--edit-pairs must be >= 0, got {edit_pairs}")
     out = Path(out)
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
@@ -235,11 +254,19 @@ def write_shapes_dataset(
         name = f"{i:06d}.png"
         Image.fromarray(render(scene, resolution)).save(out / name)
         rows.append({"file_name": name, "text": scene.captions(rng), "caption": scene.caption(), **scene.to_dict()})
+    for j in tqdm(range(edit_pairs), desc="edit pairs", disable=not progress or not edit_pairs):
+        rng = random.Random(f"shapes-edit-{seed}-{j}")
+        source, target = edit_pair(rng)
+        name, source_name = f"edit-{j:06d}.png", f"edit-{j:06d}-source.png"
+        Image.fromarray(render(source, resolution)).save(out / source_name)
+        Image.fromarray(render(target, resolution)).save(out / name)
+        rows.append({"file_name": name, "source_file_name": source_name, "text": target.captions(rng),
+                     "caption": target.caption(), **target.to_dict(), "source": source.to_dict()})
     # written last and atomically: a half-written dataset never has a metadata file pointing at it
     tmp = out / "metadata.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     os.replace(tmp, out / "metadata.jsonl")
-    logger.info("wrote %d shapes images to %s", n, out)
+    logger.info("wrote %d shapes images and %d edit pairs to %s", n, edit_pairs, out)
     return out
 
 

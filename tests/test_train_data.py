@@ -128,3 +128,35 @@ def test_step_draws_are_slices_of_the_global_draws():
     assert torch.equal(full.randint(1000), torch.cat([p.randint(1000) for p in parts]))
     assert torch.equal(full.randn(3, 2), torch.cat([p.randn(3, 2) for p in parts]))
     assert not torch.equal(StepDraws(0, 6, 4, 1, 0).randn(3), StepDraws(0, 5, 4, 1, 0).randn(3))
+
+
+def test_edit_pair_rows_carry_their_source_cropped_and_flipped_alike(tmp_path, caplog):
+    from ldm.train.data import collate
+
+    image(tmp_path / "plain.png")
+    image(tmp_path / "target.png", colour=(20, 0, 200))
+    image(tmp_path / "source.png", colour=(200, 0, 20))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"file_name": "plain.png", "text": "p"},
+        {"file_name": "target.png", "source_file_name": "source.png", "text": "a blue thing"},
+        {"file_name": "target.png", "source_file_name": "gone.png", "text": "x"},
+    ]) + "\n")
+    cfg = DataConfig(path=str(tmp_path), resolution=8, center_crop=False, random_flip=True)
+    with caplog.at_level(logging.WARNING):
+        records, skipped = scan_records(cfg)
+    # a row whose source is missing is dropped: its caption describes an edit, not its image
+    assert [(r.image.name, r.source and r.source.name) for r in records] == [("plain.png", None),
+                                                                             ("target.png", "source.png")]
+    assert skipped == {"missing edit source": 1} and "gone.png" in caplog.text
+    ds = CaptionDataset(records, cfg, seed=0)
+    items = [ds[(e, 1)] for e in range(12)]
+    assert {it["flip"] for it in items} == {False, True}
+    for it in items:  # the green ramp is the same in both images: same crop, same flip
+        assert it["has_source"] and torch.equal(it["source_pixels"][1], it["pixels"][1])
+        assert it["source_pixels"][0].min() > 0 > it["pixels"][0].max()  # red source, blue target
+    plain = ds[(0, 0)]
+    assert not plain["has_source"] and plain["source_pixels"] is None
+    batch = collate([plain, items[0]])
+    assert batch["has_source"].tolist() == [False, True]
+    assert torch.equal(batch["source_pixels"][0], plain["pixels"])  # a plain row is its own source
+    assert torch.equal(batch["source_pixels"][1], items[0]["source_pixels"])

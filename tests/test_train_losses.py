@@ -125,3 +125,27 @@ def test_ema_matches_diffusers_ema_model():
     restored = EMA(model, decay=0.99)
     restored.load_state_dict(ours.state_dict())
     assert restored.num_updates == 5 and all(torch.equal(restored.shadow[k], v) for k, v in ours.shadow.items())
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_edit_pairs_noise_the_source_and_target_the_edit(prediction_type):
+    """The noised input is the source's, and the target is the one whose x0 is the edited image."""
+    ac = NoiseSchedule(prediction_type=prediction_type).alphas_cumprod
+    g = torch.Generator().manual_seed(1)
+    latents, source = torch.randn(8, 4, 8, 8, generator=g), torch.randn(8, 4, 8, 8, generator=g)
+    source[:3] = latents[:3]  # rows that are their own source
+    edit = torch.tensor([False] * 4 + [True] * 4)
+    x_t, t, target, abar = noised_inputs(latents, ac, StepDraws(0, 5, 8, 1, 0), 1000, prediction_type,
+                                         source=source, edit=edit, edit_min_timestep=300)
+    draws = StepDraws(0, 5, 8, 1, 0)
+    t_plain, noise = draws.randint(1000), draws.randn(4, 8, 8)
+    assert torch.equal(t[:4], t_plain[:4])
+    assert torch.equal(t[4:], 300 + t_plain[4:] * 700 // 1000) and t[4:].min() >= 300
+    a, s = abar.sqrt().view(-1, 1, 1, 1), (1 - abar).sqrt().view(-1, 1, 1, 1)
+    assert (x_t - (a * source + s * noise)).abs().max() <= TOL
+    x0 = (x_t - s * target) / a if prediction_type == "epsilon" else a * x_t - s * target
+    assert (x0 - latents).abs().max() <= 1e-4  # fp32 round-off, scaled by 1/sqrt(abar) for eps
+    # rows that are their own source get exactly the plain objective, bit for bit
+    plain = noised_inputs(latents, ac, StepDraws(0, 5, 8, 1, 0), 1000, prediction_type)
+    assert torch.equal(x_t[:3], plain[0][:3]) and torch.equal(target[:3], plain[2][:3])
+    assert not torch.allclose(target[4:], plain[2][4:])

@@ -34,6 +34,7 @@ class DataConfig:
     caption_dropout: float = 0.0  # p of training on the empty caption, which is what CFG's uncond uses
     image_column: str = "file_name"
     caption_column: str = "text"
+    source_column: str = "source_file_name"  # metadata rows naming a source image are edit pairs
     verify_images: bool = True  # open every image before training, so bad files are dropped up front
     num_workers: int = 0
 
@@ -127,11 +128,16 @@ class DiffusionConfig:
     min_snr_gamma: float | None = None  # Hang et al. 2023; 5.0 is the paper's value
     noise_offset: float = 0.0  # per-channel constant added to the noise: lets the model shift mean brightness
     debiased_estimation: bool = False  # weight by 1/sqrt(SNR) (kohya's --debiased_estimation_loss)
+    # Edit pairs train at t >= this only. img2img at strength s starts from the source at t ~ 1000 s;
+    # below that the model denoises its own output, and a nearly clean source would ask it to repaint
+    # a clearly visible image (a target that grows as sqrt(SNR)).
+    edit_min_timestep: int = 0
 
     def __post_init__(self) -> None:
         if self.min_snr_gamma is not None:
             _positive("diffusion.min_snr_gamma", self.min_snr_gamma)
         _positive("diffusion.noise_offset", self.noise_offset, allow_zero=True)
+        _positive("diffusion.edit_min_timestep", self.edit_min_timestep, allow_zero=True)
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 Layouts: images with same-name `.txt` captions; `metadata.jsonl` rows with `file_name` and `text`
 (a string or a list of captions, one picked at random each time); or `metadata.csv` with the same
-columns. Every random choice (crop, flip, caption, caption dropout) comes from a generator seeded by
-(seed, epoch, index), so an item looks the same whichever worker loads it and after a resume.
+columns. A metadata row may also name a `source_file_name`: an edit pair, whose image is what the
+caption asks the source to become (see `diffusion_loss.noised_inputs`). Every random choice (crop,
+flip, caption, caption dropout) comes from a generator seeded by (seed, epoch, index), so an item
+looks the same whichever worker loads it and after a resume.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class BadImage(Exception):
 class Record:
     image: Path
     captions: list[str]  # empty when captions are not needed (VAE training on a bare image folder)
+    source: Path | None = None  # an edit pair's starting image; `image` is what the caption makes of it
 
 
 def _captions(value: Any) -> list[str] | None:
@@ -84,9 +87,21 @@ def _from_rows(root: Path, rows: list[dict], cfg: DataConfig, need_captions: boo
         elif not (root / name).is_file():
             logger.warning("%s: image %s listed in the metadata is missing, skipped", root, name)
             skipped["missing image"] += 1
-        else:
-            records.append(Record(root / name, captions or []))
+        elif (source := _source(root, row.get(cfg.source_column), name, skipped)) is not False:
+            records.append(Record(root / name, captions or [], source))
     return records
+
+
+def _source(root: Path, value: Any, name: str, skipped: Counter) -> Path | None | bool:
+    """The row's edit source: None when it names none, False (skip the row) when it names an unusable one.
+    A row with a broken source is dropped, not trained as a plain image: its caption describes an edit."""
+    if value is None or value == "":  # csv rows without the column read as ""
+        return None
+    if not isinstance(value, str) or not (root / value).is_file():
+        logger.warning("%s: edit source %r of %s is missing, skipped", root, value, name)
+        skipped["missing edit source"] += 1
+        return False
+    return root / value
 
 
 def _from_folder(root: Path, need_captions: bool, skipped: Counter) -> list[Record]:
@@ -186,17 +201,24 @@ class CaptionDataset(torch.utils.data.Dataset):
         epoch, index = key
         rng = random.Random(f"ldm-data:{self.seed}:{epoch}:{index}")  # str seeds hash stably across runs
         flip = self.cfg.random_flip and rng.random() < 0.5
-        pixels, bad = None, 0
+        pixels, source, bad = None, None, 0
         if self.load_pixels:
+            crop = random.Random()
+            crop.setstate(rng.getstate())  # the source is cropped exactly like its target
             pixels, index, bad = self.pixels(index, flip, rng)
+            if self.records[index].source is not None:
+                source = self.pixels(index, flip, crop, source=True)[0]
         captions = self.records[index].captions
         caption = rng.choice(captions) if captions else ""
         if self.cfg.caption_dropout > 0 and rng.random() < self.cfg.caption_dropout:
             caption = ""
-        return {"pixels": pixels, "caption": caption, "index": index, "flip": flip, "bad": bad}
+        return {"pixels": pixels, "source_pixels": source, "has_source": self.records[index].source is not None,
+                "caption": caption, "index": index, "flip": flip, "bad": bad}
 
-    def pixels(self, index: int, flip: bool, rng: random.Random | None = None) -> tuple[torch.Tensor, int, int]:
+    def pixels(self, index: int, flip: bool, rng: random.Random | None = None, source: bool = False
+               ) -> tuple[torch.Tensor, int, int]:
         """(pixels, index of the image actually used, bad files passed over); `rng` only for random crops.
+        `source=True`: the record's edit source (or its own image when it has none).
 
         A file that went bad after the scan is replaced by the next usable one, so batches keep their size
         and the replacement is the same on every run (exact resume holds even with bad files).
@@ -204,8 +226,9 @@ class CaptionDataset(torch.utils.data.Dataset):
         rng = rng or random.Random(index)
         for bad in range(len(self.records)):
             i = (index + bad) % len(self.records)
+            record = self.records[i]
             try:
-                im = open_image(self.records[i].image)
+                im = open_image(record.source if source and record.source is not None else record.image)
             except BadImage as e:
                 logger.warning("%s, skipped (using the next image instead)", e)
                 continue
@@ -218,8 +241,13 @@ class CaptionDataset(torch.utils.data.Dataset):
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     pixels = [it["pixels"] for it in items]
+    loaded = pixels[0] is not None
+    # rows without an edit source are their own source: the noised input then is the usual one
+    sources = [it["pixels"] if it["source_pixels"] is None else it["source_pixels"] for it in items]
     return {
-        "pixels": torch.stack(pixels) if pixels[0] is not None else None,
+        "pixels": torch.stack(pixels) if loaded else None,
+        "source_pixels": torch.stack(sources) if loaded else None,
+        "has_source": torch.tensor([it["has_source"] for it in items]),
         "captions": [it["caption"] for it in items],
         "index": torch.tensor([it["index"] for it in items]),
         "flip": torch.tensor([it["flip"] for it in items]),

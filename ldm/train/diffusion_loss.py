@@ -6,6 +6,10 @@ low-noise timesteps from dominating the gradient; debiased estimation (Yu et al.
 timesteps, where an eps loss is tiny but the layout of the image is decided, a real share of the
 gradient; noise offset (a per-channel constant in the noise), which lets a model learn to change the
 overall brightness of an image.
+
+Edit pairs (a source image, and what the caption makes of it) train img2img directly: the source is
+noised and the target is the one whose x0 is the edited image, so "keep where things are, change what
+the caption says" is learnt at the noise levels img2img starts from.
 """
 from __future__ import annotations
 
@@ -16,18 +20,33 @@ from .order import StepDraws
 
 
 def noised_inputs(latents: torch.Tensor, alphas_cumprod: torch.Tensor, draws: StepDraws, num_timesteps: int,
-                  prediction_type: str, noise_offset: float = 0.0
+                  prediction_type: str, noise_offset: float = 0.0, source: torch.Tensor | None = None,
+                  edit: torch.Tensor | None = None, edit_min_timestep: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, t, target, alpha_bar_t) for a batch of scaled latents; the draws are taken in a fixed order."""
+    """(x_t, t, target, alpha_bar_t) for a batch of scaled latents; the draws are taken in a fixed order.
+
+    `source` (default: `latents`) is what gets noised. The target is then taken with the noise
+    eps' = eps + sqrt(SNR) (source - latents), for which x_t = sqrt(abar) latents + sqrt(1 - abar) eps':
+    the prediction that meets it has `latents` as its x0. Rows whose source equals their latents get
+    exactly the plain objective. Rows flagged in `edit` (bool, [B]) draw t in [edit_min_timestep, T)
+    instead: the same draw, rescaled, so the draws stay in their fixed order.
+    """
     b, c = latents.shape[:2]
     t = draws.randint(num_timesteps).to(latents.device)
+    if edit is not None and edit_min_timestep:
+        shifted = edit_min_timestep + t * (num_timesteps - edit_min_timestep) // num_timesteps
+        t = torch.where(edit.to(t.device), shifted, t)
     noise = draws.randn(*latents.shape[1:]).to(latents.device, latents.dtype)
     if noise_offset:
         noise = noise + noise_offset * draws.randn(c, 1, 1).to(latents.device, latents.dtype)
     abar = alphas_cumprod.to(latents.device)[t].float()
     a = abar.sqrt().view(b, 1, 1, 1).to(latents.dtype)
     s = (1 - abar).sqrt().view(b, 1, 1, 1).to(latents.dtype)
-    x_t = a * latents + s * noise
+    if source is not None:
+        x_t = a * source + s * noise
+        noise = noise + (a / s) * (source - latents)  # exactly + 0 where the source is the image itself
+    else:
+        x_t = a * latents + s * noise
     if prediction_type == "epsilon":
         target = noise
     elif prediction_type == "v_prediction":

@@ -38,6 +38,9 @@ def check_schedule(schedule: NoiseSchedule, cfg: UNetStageConfig) -> None:
     if schedule.rescale_betas_zero_snr and schedule.prediction_type != "v_prediction":
         raise ValueError("schedule.rescale_betas_zero_snr needs schedule.prediction_type: v_prediction "
                          "(an epsilon model cannot give x0 from pure noise)")
+    if not 0 <= cfg.diffusion.edit_min_timestep < schedule.num_train_timesteps:
+        raise ValueError(f"diffusion.edit_min_timestep must be below the schedule's "
+                         f"{schedule.num_train_timesteps} timesteps, got {cfg.diffusion.edit_min_timestep}")
     if cfg.validation.prompts:
         try:
             plan_sampling(schedule, cfg.validation.sampler, cfg.validation.steps)
@@ -82,26 +85,42 @@ class UNetStage:
         self.texts = TextCache(self.text, {c for r in dataset.records for c in r.captions}, progress=progress) \
             if cfg.cache_text else None
 
-    def _latents(self, batch: dict[str, Any], draws: StepDraws) -> torch.Tensor:
+    def _posterior(self, batch: dict[str, Any], source: bool) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.accelerator.device
-        # eps of the posterior sample is drawn first and always, so cached and uncached runs draw alike
-        eps = draws.randn(*self.latent_shape).to(device)
         if self.latents is not None:
-            mean, std = (t.to(device) for t in self.latents.lookup(batch["index"], batch["flip"]))
-        else:
-            posterior = self.vae.encode(batch["pixels"].to(device))
-            mean, std = posterior.mean.float(), posterior.std.float()
-        return self.vae.scale_latents(mean + std * eps)
+            return tuple(t.to(device) for t in self.latents.lookup(batch["index"], batch["flip"], source))
+        posterior = self.vae.encode(batch["source_pixels" if source else "pixels"].to(device))
+        return posterior.mean.float(), posterior.std.float()
+
+    def _latents(self, batch: dict[str, Any], draws: StepDraws) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(latents of each row's image, of its edit source), one posterior sample each; the sources are None
+        when no row of the batch is an edit pair."""
+        # eps of the posterior sample is drawn first and always, so cached and uncached runs draw alike
+        eps = draws.randn(*self.latent_shape).to(self.accelerator.device)
+        mean, std = self._posterior(batch, source=False)
+        latents = self.vae.scale_latents(mean + std * eps)
+        if not batch["has_source"].any():
+            return latents, None
+        mean, std = self._posterior(batch, source=True)
+        return latents, self.vae.scale_latents(mean + std * eps)  # the same eps: one draw per row
 
     def loss(self, batch: dict[str, Any], draws: StepDraws, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.no_grad():
-            latents = self._latents(batch, draws)
+            latents, source = self._latents(batch, draws)
+            edit = None
+            if source is not None:
+                # an edit pair whose caption was dropped says nothing about the edit: the empty caption (what
+                # CFG's unconditional branch reads) learns to denoise the source as it is
+                edit = batch["has_source"].to(latents.device) & torch.tensor([c != "" for c in batch["captions"]],
+                                                                              device=latents.device)
+                latents = torch.where(edit.view(-1, 1, 1, 1), latents, source)
             if self.texts is not None:
                 states = self.texts.lookup(batch["captions"]).to(self.accelerator.device)
             else:
                 states = self.text.encode(batch["captions"]).states.float()
         x_t, t, target, abar = noised_inputs(latents, self.alphas_cumprod, draws, self.schedule.num_train_timesteps,
-                                             self.schedule.prediction_type, self.cfg.diffusion.noise_offset)
+                                             self.schedule.prediction_type, self.cfg.diffusion.noise_offset,
+                                             source, edit, self.cfg.diffusion.edit_min_timestep)
         pred = self.unet(x_t, t, states)
         return diffusion_loss(pred, target, abar, self.schedule.prediction_type, self.cfg.diffusion.min_snr_gamma,
                               self.cfg.diffusion.debiased_estimation), {}
