@@ -152,3 +152,13 @@ def test_eval_shapes_reports_scores_and_its_settings(model, capsys):
     code, _, err = run(capsys, "eval", "shapes", "--model", model, "--n", 1, "--steps", 2, "--guidance-rescale", 2,
                        "--quiet")
     assert code != 0 and len(err.strip().splitlines()) == 1 and "guidance_rescale" in err
+
+
+def test_data_shapes_writes_edit_pairs_and_refuses_a_negative_count(tmp_path, capsys):
+    code, out, _ = run(capsys, "data", "shapes", "--out", tmp_path / "d", "--n", 2, "--edit-pairs", 3)
+    assert code == 0 and out.strip() == str(tmp_path / "d")
+    rows = (tmp_path / "d" / "metadata.jsonl").read_text().splitlines()
+    assert len(rows) == 5 and sum('"source_file_name"' in r for r in rows) == 3
+    code, _, err = run(capsys, "data", "shapes", "--out", tmp_path / "e", "--n", 2, "--edit-pairs", -1)
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "--edit-pairs" in err
+    assert not (tmp_path / "e").exists()  # refused before anything is written
