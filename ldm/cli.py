@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--n", type=int, required=True)
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--edit-pairs", type=int, default=0,
-                        help="also write this many img2img pairs (an object, and it recoloured or reshaped)")
+                        help="also write this many img2img pairs (an object, and the same object recoloured)")
     ev = sub.add_parser("eval", help="score a model").add_subparsers(dest="benchmark", required=True)
     ev_shapes = ev.add_parser("shapes", help="prompt fidelity on the shapes world, scored from pixels (JSON)")
     ev_shapes.add_argument("--steps", type=int, default=25)

@@ -47,7 +47,6 @@ MARGIN = 2  # px kept free at the canvas border so no object is clipped
 GAP = 2  # px kept free between two objects' boxes so both stay separate, visible components
 MIN_SEPARATION = 12  # px between centres along the relation's axis
 P_SINGLE = 0.4
-P_SHAPE_EDIT = 0.25  # share of edit pairs that change the shape; the others change the colour
 
 
 @dataclass(frozen=True)
@@ -215,15 +214,17 @@ def random_scene(rng: random.Random, *, allow_held_out: bool = False, p_single: 
 
 
 def edit_pair(rng: random.Random) -> tuple[Scene, Scene]:
-    """(source, target): one object, and the same object at the same place and size with a new colour
-    or (P_SHAPE_EDIT of the time) a new shape; neither is a held-out pair."""
+    """(source, target): one object, and the same object at the same place, size and shape in a new
+    colour; neither is a held-out pair.
+
+    Colour only: with shape edits among the pairs too (a quarter of them, tried in stage 11's first
+    run), text-to-image squares came out as circles and two-object accuracy fell (0.78 -> 0.72):
+    a model taught to overrule the shape it sees at mid noise hedges towards round blobs.
+    """
     colour, shape, size = random_attributes(rng)
     source = place_single(rng, colour, shape, size)
-    if rng.random() < P_SHAPE_EDIT:
-        change = {"shape": rng.choice([s for s in SHAPES if s != shape and (colour, s) not in HELD_OUT])}
-    else:
-        change = {"colour": rng.choice([c for c in COLOURS if c != colour and (c, shape) not in HELD_OUT])}
-    return source, Scene((replace(source.objects[0], **change),))
+    target = rng.choice([c for c in COLOURS if c != colour and (c, shape) not in HELD_OUT])
+    return source, Scene((replace(source.objects[0], colour=target),))
 
 
 def write_shapes_dataset(
