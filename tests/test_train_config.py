@@ -116,3 +116,12 @@ def test_unet_stage_refuses_schedules_it_could_not_finish():
         assert len(str(err.value).splitlines()) == 1
     check_schedule(zsnr, replace(cfg, validation=ValidationConfig(prompts=["a red circle"])))  # dpmpp_2m: fine
     check_schedule(zsnr, replace(cfg, validation=ValidationConfig(sampler="heun")))  # no prompts: never samples
+    from ldm.train.config import DiffusionConfig
+
+    with pytest.raises(ValueError, match="edit_min_timestep must be below the schedule's 1000 timesteps"):
+        check_schedule(NoiseSchedule(), replace(cfg, validation=ValidationConfig(),
+                                                diffusion=DiffusionConfig(edit_min_timestep=1000)))
+    check_schedule(NoiseSchedule(), replace(cfg, validation=ValidationConfig(),
+                                            diffusion=DiffusionConfig(edit_min_timestep=999)))
+    with pytest.raises(ValueError, match="edit_min_timestep must be >= 0"):
+        DiffusionConfig(edit_min_timestep=-1)

@@ -160,3 +160,20 @@ def test_edit_pair_rows_carry_their_source_cropped_and_flipped_alike(tmp_path, c
     assert batch["has_source"].tolist() == [False, True]
     assert torch.equal(batch["source_pixels"][0], plain["pixels"])  # a plain row is its own source
     assert torch.equal(batch["source_pixels"][1], items[0]["source_pixels"])
+
+
+def test_an_edit_source_that_breaks_after_the_scan_trains_its_row_on_its_own_image(tmp_path, caplog):
+    for name, colour in (("a.png", (200, 0, 0)), ("b.png", (0, 0, 200)), ("b-src.png", (0, 200, 0))):
+        image(tmp_path / name, colour=colour)
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"file_name": "a.png", "text": "a"}, {"file_name": "b.png", "source_file_name": "b-src.png", "text": "b"},
+    ]) + "\n")
+    cfg = DataConfig(path=str(tmp_path), resolution=8)
+    ds = CaptionDataset(scan_records(cfg)[0], cfg, seed=0)
+    assert not torch.equal(ds[(0, 1)]["source_pixels"], ds[(0, 1)]["pixels"])
+    (tmp_path / "b-src.png").write_bytes(b"broken")
+    with caplog.at_level(logging.WARNING):
+        item = ds[(0, 1)]
+    # not the next row's image: the row's own, so the pair degrades to a plain example, and it is counted
+    assert item["bad"] == 1 and item["index"] == 1 and torch.equal(item["source_pixels"], item["pixels"])
+    assert "b-src.png" in caplog.text

@@ -38,7 +38,8 @@ class LatentCache:
                 mean, std = [], []
                 for start in range(0, len(indices), batch_size):
                     chunk = indices[start:start + batch_size]
-                    pixels = torch.stack([dataset.pixels(i, flip, source=source)[0] for i in chunk])
+                    load = dataset.source_pixels if source else dataset.pixels
+                    pixels = torch.stack([load(i, flip)[0] for i in chunk])
                     with torch.no_grad():
                         posterior = vae.encode(pixels.to(device, next(vae.parameters()).dtype))
                     mean.append(posterior.mean.float().cpu())

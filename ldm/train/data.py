@@ -207,7 +207,8 @@ class CaptionDataset(torch.utils.data.Dataset):
             crop.setstate(rng.getstate())  # the source is cropped exactly like its target
             pixels, index, bad = self.pixels(index, flip, rng)
             if self.records[index].source is not None:
-                source = self.pixels(index, flip, crop, source=True)[0]
+                source, broken = self.source_pixels(index, flip, crop)
+                bad += broken
         captions = self.records[index].captions
         caption = rng.choice(captions) if captions else ""
         if self.cfg.caption_dropout > 0 and rng.random() < self.cfg.caption_dropout:
@@ -215,10 +216,14 @@ class CaptionDataset(torch.utils.data.Dataset):
         return {"pixels": pixels, "source_pixels": source, "has_source": self.records[index].source is not None,
                 "caption": caption, "index": index, "flip": flip, "bad": bad}
 
-    def pixels(self, index: int, flip: bool, rng: random.Random | None = None, source: bool = False
-               ) -> tuple[torch.Tensor, int, int]:
+    def _prepare(self, im: Image.Image, flip: bool, rng: random.Random) -> torch.Tensor:
+        im = resize_crop(im, self.cfg.resolution, rng, self.cfg.center_crop)
+        if flip:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(im)
+
+    def pixels(self, index: int, flip: bool, rng: random.Random | None = None) -> tuple[torch.Tensor, int, int]:
         """(pixels, index of the image actually used, bad files passed over); `rng` only for random crops.
-        `source=True`: the record's edit source (or its own image when it has none).
 
         A file that went bad after the scan is replaced by the next usable one, so batches keep their size
         and the replacement is the same on every run (exact resume holds even with bad files).
@@ -226,17 +231,27 @@ class CaptionDataset(torch.utils.data.Dataset):
         rng = rng or random.Random(index)
         for bad in range(len(self.records)):
             i = (index + bad) % len(self.records)
-            record = self.records[i]
             try:
-                im = open_image(record.source if source and record.source is not None else record.image)
+                im = open_image(self.records[i].image)
             except BadImage as e:
                 logger.warning("%s, skipped (using the next image instead)", e)
                 continue
-            im = resize_crop(im, self.cfg.resolution, rng, self.cfg.center_crop)
-            if flip:
-                im = im.transpose(Image.FLIP_LEFT_RIGHT)
-            return to_tensor(im), i, bad
+            return self._prepare(im, flip, rng), i, bad
         raise DataError("no image of the dataset is readable any more")
+
+    def source_pixels(self, index: int, flip: bool, rng: random.Random | None = None) -> tuple[torch.Tensor, int]:
+        """(pixels of record `index`'s edit source, bad files met), cropped and flipped as `pixels` does with
+        the same `rng`. A record without a source, or whose source broke after the scan, gives its own
+        image: the row then trains as a plain one (an x_t of the image itself), never on another row's
+        source."""
+        record, rng = self.records[index], rng or random.Random(index)
+        if record.source is not None:
+            try:
+                return self._prepare(open_image(record.source), flip, rng), 0
+            except BadImage as e:
+                logger.warning("%s, skipped (its row trains on its own image instead)", e)
+        pixels, _, bad = self.pixels(index, flip, rng)
+        return pixels, int(record.source is not None) + bad
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
