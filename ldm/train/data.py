@@ -257,11 +257,12 @@ class CaptionDataset(torch.utils.data.Dataset):
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     pixels = [it["pixels"] for it in items]
     loaded = pixels[0] is not None
+    edits = loaded and any(it["has_source"] for it in items)  # a batch without pairs stacks nothing more
     # rows without an edit source are their own source: the noised input then is the usual one
     sources = [it["pixels"] if it["source_pixels"] is None else it["source_pixels"] for it in items]
     return {
         "pixels": torch.stack(pixels) if loaded else None,
-        "source_pixels": torch.stack(sources) if loaded else None,
+        "source_pixels": torch.stack(sources) if edits else None,
         "has_source": torch.tensor([it["has_source"] for it in items]),
         "captions": [it["caption"] for it in items],
         "index": torch.tensor([it["index"] for it in items]),

@@ -85,23 +85,36 @@ class UNetStage:
         self.texts = TextCache(self.text, {c for r in dataset.records for c in r.captions}, progress=progress) \
             if cfg.cache_text else None
 
-    def _posterior(self, batch: dict[str, Any], source: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _posterior(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.accelerator.device
         if self.latents is not None:
-            return tuple(t.to(device) for t in self.latents.lookup(batch["index"], batch["flip"], source))
-        posterior = self.vae.encode(batch["source_pixels" if source else "pixels"].to(device))
+            return tuple(t.to(device) for t in self.latents.lookup(batch["index"], batch["flip"]))
+        posterior = self.vae.encode(batch["pixels"].to(device))
         return posterior.mean.float(), posterior.std.float()
+
+    def _source_posterior(self, batch: dict[str, Any], mean: torch.Tensor, std: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sources' posterior; rows without a source keep their image's (`mean`, `std`), which
+        uncached runs therefore do not encode twice."""
+        device = self.accelerator.device
+        if self.latents is not None:
+            return tuple(t.to(device) for t in self.latents.lookup(batch["index"], batch["flip"], source=True))
+        has = batch["has_source"].to(device)
+        posterior = self.vae.encode(batch["source_pixels"].to(device)[has])
+        mean, std = mean.clone(), std.clone()
+        mean[has], std[has] = posterior.mean.float(), posterior.std.float()
+        return mean, std
 
     def _latents(self, batch: dict[str, Any], draws: StepDraws) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(latents of each row's image, of its edit source), one posterior sample each; the sources are None
         when no row of the batch is an edit pair."""
         # eps of the posterior sample is drawn first and always, so cached and uncached runs draw alike
         eps = draws.randn(*self.latent_shape).to(self.accelerator.device)
-        mean, std = self._posterior(batch, source=False)
+        mean, std = self._posterior(batch)
         latents = self.vae.scale_latents(mean + std * eps)
         if not batch["has_source"].any():
             return latents, None
-        mean, std = self._posterior(batch, source=True)
+        mean, std = self._source_posterior(batch, mean, std)
         return latents, self.vae.scale_latents(mean + std * eps)  # the same eps: one draw per row
 
     def loss(self, batch: dict[str, Any], draws: StepDraws, step: int) -> tuple[torch.Tensor, dict[str, float]]:
