@@ -7,6 +7,6 @@ __all__ = ["Pipeline"]
 def __getattr__(name: str):
     # lazy, so `import ldm` (and `ldm --help`) does not pay for torch/transformers start-up
     if name == "Pipeline":
-        from .pipeline import Pipeline
+        from ldm.pipeline import Pipeline
         return Pipeline
     raise AttributeError(name)

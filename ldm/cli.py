@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(ev_shapes)
     for name, handler in COMMANDS.items():
         sub.choices[name].set_defaults(handler=handler)
-    from .train.commands import register
+    from ldm.train.commands import register
 
     for name, handler in register(sub).items():
         sub.choices[name].set_defaults(handler=handler)
@@ -119,7 +119,7 @@ def _load_pipeline(args: argparse.Namespace):
     import torch
     import transformers
 
-    from .pipeline import Pipeline, check_settings
+    from ldm.pipeline import Pipeline, check_settings
 
     # settings that do not depend on the model fail before the (slow) load
     check_settings(height=8, width=8, factor=1, steps=args.steps, guidance_scale=args.guidance,
@@ -131,7 +131,7 @@ def _load_pipeline(args: argparse.Namespace):
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=getattr(torch, _DTYPES[args.dtype]),
                                     allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
                                     prediction_type=args.prediction_type, clip_skip=args.clip_skip)
-    from .train.lora import apply_lora
+    from ldm.io.lora import apply_lora
 
     for path, scale in args.lora:
         apply_lora(pipe.parts.unet, path, scale)
@@ -154,7 +154,7 @@ def output_paths(out: Path, n: int) -> list[Path]:
 
 
 def _save_images(pipe, result, args: argparse.Namespace, extra: dict | None = None) -> None:
-    from .png_info import infotext, save_png
+    from ldm.io.png_info import infotext, save_png
 
     s = result.settings
     paths = output_paths(args.out, len(result.images))
@@ -179,7 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_img2img(args: argparse.Namespace) -> None:
-    from .pipeline import load_image
+    from ldm.pipeline import load_image
 
     image = load_image(args.image)  # fail on a bad image before spending time loading the model
     pipe = _load_pipeline(args)
@@ -193,7 +193,7 @@ def cmd_img2img(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .model_io import load_model, save_diffusers_folder, save_single_file
+    from ldm.io.model_files import load_model, save_diffusers_folder, save_single_file
 
     parts = load_model(args.src, allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
                        prediction_type=args.prediction_type)
@@ -207,7 +207,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_data(args: argparse.Namespace) -> None:
-    from .shapes import write_shapes_dataset
+    from ldm.shapes.dataset import write_shapes_dataset
 
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
@@ -217,7 +217,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
-    from .shapes_eval import run_shapes_eval
+    from ldm.shapes.evaluate import run_shapes_eval
 
     pipe = _load_pipeline(args)
     pipe.progress = False  # one bar over the whole evaluation instead of one per image
@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # usage errors (one line, see OneLineErrorParser) and --help
         return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
-    from .pipeline import GenerationError
-    from .weights import CheckpointError
+    from ldm.pipeline import GenerationError
+    from ldm.io.weights import CheckpointError
 
     try:
         if args.command in ("train", "finetune"):

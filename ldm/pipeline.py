@@ -16,13 +16,15 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .attention import configure_attention
-from .conv import configure_convolutions
-from .denoiser import classifier_free_guidance, make_denoiser
-from .model_io import ModelParts, load_model
-from .samplers import SAMPLERS, SamplingPlan, add_noise, plan_sampling, sample
-from .unet import StepCache
-from .vae_tiling import VaeTiling, decode_latents, encode_images
+from ldm.fast.attention import configure_attention
+from ldm.fast.conv_paths import configure_convolutions
+from ldm.sampling.denoiser import make_denoiser
+from ldm.sampling.guidance import classifier_free_guidance
+from ldm.io.model_files import ModelParts, load_model
+from ldm.sampling.plan import SamplingPlan, add_noise, plan_sampling
+from ldm.sampling.samplers import SAMPLERS, sample
+from ldm.fast.step_cache import StepCache
+from ldm.fast.vae_tiling import VaeTiling, decode_latents, encode_images
 
 
 class GenerationError(RuntimeError):
@@ -81,7 +83,7 @@ class Pipeline:
                         **load_options) -> "Pipeline":
         """`path=None` loads the embedded default model."""
         if path is None:
-            from .default_model import default_model_path
+            from ldm.shapes.default_model import default_model_path
             path = default_model_path()
         return cls(load_model(path, **load_options), device, dtype)
 
@@ -155,7 +157,7 @@ class Pipeline:
               cache: StepCache | None = None) -> torch.Tensor:
         if cache is None:
             return self.parts.unet(x.to(self.dtype), t.to(self.device), context)
-        return self.parts.unet(x.to(self.dtype), t.to(self.device), context, cache=cache)
+        return cache(self.parts.unet, x.to(self.dtype), t.to(self.device), context)
 
     def _run_sampler(self, name: str, x: torch.Tensor, plan: SamplingPlan, cond, uncond, guidance_scale: float,
                      guidance_rescale: float, eta: float, generator: torch.Generator) -> torch.Tensor:

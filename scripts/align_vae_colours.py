@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from img2img_colour_geometry import colour_offsets, cosines
-from ldm.model_io import save_diffusers_folder
+from ldm.io.model_files import save_diffusers_folder
 from ldm.pipeline import Pipeline
 from ldm.train.config import DataConfig
 from ldm.train.data import CaptionDataset, scan_records

@@ -64,14 +64,14 @@ def sd15_pipeline(model: str | None, dtype: torch.dtype):
 
 def ldm_pipeline_from(ref, device: str, dtype: torch.dtype):
     """Our Pipeline over the very same tensors (copied into our modules) and text encoder."""
-    from ldm.autoencoder import AutoencoderKL
-    from ldm.diffusers_config import unet_config_from_diffusers, vae_config_from_diffusers
-    from ldm.model_io import ModelParts
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.io.diffusers_config import unet_config_from_diffusers, vae_config_from_diffusers
+    from ldm.io.model_files import ModelParts
     from ldm.pipeline import Pipeline
-    from ldm.schedule import NoiseSchedule
+    from ldm.sampling.schedule import NoiseSchedule
     from ldm.text.clip import ClipTextEncoder
-    from ldm.unet import UNet
-    from ldm.weights import load_state_dict_checked
+    from ldm.models.unet import UNet
+    from ldm.io.weights import load_state_dict_checked
 
     unet = UNet(unet_config_from_diffusers(dict(ref.unet.config)))
     load_state_dict_checked(unet, ref.unet.state_dict(), "unet")
@@ -118,8 +118,8 @@ def apply_ldm_options(pipe, options: dict[str, int | bool]) -> None:
 def kept_memory_mb(pipe) -> float:
     """Memory the options keep across generations on top of the weights: cached Winograd kernels
     (built on first use) and the concatenated weights of fused QKV projections."""
-    from ldm.attention import Attention
-    from ldm.conv import Conv2d
+    from ldm.models.attention import Attention
+    from ldm.fast.conv_paths import Conv2d
 
     kept = []
     for module in (m for model in (pipe.parts.unet, pipe.parts.vae) for m in model.modules()):

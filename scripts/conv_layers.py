@@ -16,7 +16,7 @@ import time
 
 import torch
 
-import ldm.conv as c
+import ldm.fast.conv_paths as c
 
 SHAPES = [  # (C_in, C_out, height = width, batch, stride, layers)
     (320, 320, 32, 2, 1, 7), (640, 320, 32, 2, 1, 2), (960, 320, 32, 2, 1, 1), (640, 640, 32, 2, 1, 1),

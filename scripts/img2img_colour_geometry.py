@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from ldm.pipeline import Pipeline
-from ldm.shapes import BACKGROUND, COLOURS, FRAME
-from ldm.shapes_eval import eval_cases
+from ldm.shapes.dataset import BACKGROUND, COLOURS, FRAME
+from ldm.shapes.evaluate import eval_cases
 
 
 @torch.no_grad()

@@ -20,9 +20,9 @@ from PIL import Image
 
 from ldm.cli import main as ldm_main
 from ldm.pipeline import Pipeline
-from ldm.shapes import place_single, render
-from ldm.shapes_eval import score_single
-from ldm.train.lora import apply_lora
+from ldm.shapes.dataset import place_single, render
+from ldm.shapes.evaluate import score_single
+from ldm.io.lora import apply_lora
 
 
 def write_pair_dataset(out: Path, colour: str, shape: str, drawn: str, n: int, seed: int) -> Path:
@@ -85,7 +85,7 @@ def main() -> None:
 
 
 def _default_dir() -> str:
-    from ldm.default_model import default_model_path
+    from ldm.shapes.default_model import default_model_path
     return str(default_model_path())
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.model_io import load_model
+from ldm.io.model_files import load_model
 from ldm.text import PACKAGED_MARKER, load_minilm
 
 TARGET = Path(__file__).resolve().parents[1] / "ldm" / "default_model"

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ldm.pipeline import Pipeline
-from ldm.shapes import BACKGROUND, COLOURS, FRAME, RELATIONS, Scene, place_pair, random_attributes, render
+from ldm.shapes.dataset import BACKGROUND, COLOURS, FRAME, RELATIONS, Scene, place_pair, random_attributes, render
 
 MIRROR = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
 TIMESTEPS = (999, 950, 900, 850, 800, 700, 500)

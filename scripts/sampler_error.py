@@ -13,7 +13,7 @@ Stochastic samplers (euler_ancestral, ddpm) converge to a different sample, not 
 solution, so their error settles at a plateau. DDIM stops at t = 0, which is not sigma = 0, so it
 also has a small floor.
 
---step-cache adds the DeepCache-style cached U-Net (ldm.unet.StepCache) to chosen samplers. Their
+--step-cache adds the DeepCache-style cached U-Net (ldm.models.unet.StepCache) to chosen samplers. Their
 rows show the quality cost of caching at equal NFE. The full_unet column counts only the calls that
 ran the whole U-Net.
 
@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from ldm.pipeline import Pipeline
-from ldm.samplers import SAMPLERS, plan_sampling
+from ldm.sampling.plan import plan_sampling
+from ldm.sampling.samplers import SAMPLERS
 
 logger = logging.getLogger("sampler_error")
 STOCHASTIC = {"euler_ancestral", "ddpm"}

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldm.model_io import save_diffusers_folder
+from ldm.io.model_files import save_diffusers_folder
 from ldm.pipeline import Pipeline
-from ldm.shapes import FRAME, render
+from ldm.shapes.dataset import FRAME, render
 from relation_binding_probe import scenes
 
 PROBE_TIMESTEPS = (999, 950, 900, 850)  # where the layout is decided

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.shapes import COLOURS, HELD_OUT, SHAPES
+from ldm.shapes.dataset import COLOURS, HELD_OUT, SHAPES
 from ldm.text.bert import load_minilm
 
 RELATIONS = {"to the left of": ("left", "right"), "to the right of": ("right", "left"),

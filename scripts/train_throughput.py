@@ -33,12 +33,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def run_ours(args: argparse.Namespace) -> dict:
-    from ldm.autoencoder import AutoencoderKL
-    from ldm.diffusers_config import vae_config_to_diffusers
-    from ldm.shapes import write_shapes_dataset
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.io.diffusers_config import vae_config_to_diffusers
+    from ldm.shapes.dataset import write_shapes_dataset
     from ldm.train.config import load_config
     from ldm.train.runner import train
-    from ldm.weights import write_json, write_safetensors
+    from ldm.io.weights import write_json, write_safetensors
 
     cfg = load_config(args.config)
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,7 +67,7 @@ def run_diffusers(args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from ldm.diffusers_config import unet_config_to_diffusers
+    from ldm.io.diffusers_config import unet_config_to_diffusers
     from ldm.text import load_minilm
     from ldm.train.config import load_config
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.autoencoder import AutoencoderConfig, AutoencoderKL
-from ldm.vae_tiling import VaeTiling, decode_latents
+from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.fast.vae_tiling import VaeTiling, decode_latents
 
 
 def peak_rss_gb() -> float:
@@ -38,7 +38,7 @@ def load_vae(model: str | None) -> AutoencoderKL:
     if model is None:
         torch.manual_seed(0)
         return AutoencoderKL(AutoencoderConfig()).eval()  # the defaults are SD's VAE architecture
-    from ldm.model_io import load_model
+    from ldm.io.model_files import load_model
     return load_model(model).vae.eval()
 
 

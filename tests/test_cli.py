@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from ldm.cli import main
-from ldm.png_info import read_parameters
+from ldm.io.png_info import read_parameters
 from tiny import write_tiny_sd_folder
 
 
@@ -98,7 +98,7 @@ def test_generate_with_lora_file_and_scale(model, tmp_path, capsys):
     import numpy as np
     import torch
 
-    from ldm.model_io import load_model
+    from ldm.io.model_files import load_model
     from ldm.train.config import LoraConfig
     from ldm.train.lora import add_lora, save_lora
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.conv import Conv2d, configure_convolutions
+from ldm.fast.conv_paths import configure_convolutions
 
 # relative to the output's scale; measured ~5e-7 (the transforms are exact in binary, the products round)
 REL_TOL = 5e-6
@@ -16,7 +16,7 @@ REL_TOL = 5e-6
 @pytest.fixture(autouse=True)
 def every_layer(monkeypatch):
     """These small layers are below the measured pay-off bounds; lift them to test the arithmetic."""
-    import ldm.conv as c
+    import ldm.fast.conv_paths as c
 
     monkeypatch.setattr(c, "MIN_CHANNELS", 1)
     monkeypatch.setattr(c, "WINOGRAD_MAX_PIXELS", 10**9)
@@ -31,7 +31,7 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_conv2d(shape, channels_last, bias):
     g = torch.Generator().manual_seed(sum(shape))
-    conv = Conv2d(shape[1], 6, 3, padding=1, bias=bias)
+    conv = nn.Conv2d(shape[1], 6, 3, padding=1, bias=bias)
     x = torch.randn(*shape, generator=g) * 3
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -46,12 +46,12 @@ def test_matches_conv2d(shape, channels_last, bias):
 
 
 def test_winograd_path_is_taken_and_follows_weight_changes(monkeypatch):
-    import ldm.conv as c
-    import ldm.winograd as w
+    import ldm.fast.conv_paths as c
+    import ldm.fast.winograd as w
 
     calls = []
     monkeypatch.setattr(c, "winograd_conv3x3", lambda *a: calls.append(1) or F.conv2d(a[0], conv.weight, a[2], padding=1))
-    conv = Conv2d(4, 4, 3, padding=1)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
     configure_convolutions(nn.Sequential(conv), winograd=True)
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
@@ -68,8 +68,8 @@ def test_winograd_path_is_taken_and_follows_weight_changes(monkeypatch):
 
 def test_other_cases_take_the_ordinary_path():
     x = torch.randn(1, 4, 8, 8, requires_grad=True)
-    conv = Conv2d(4, 4, 3, padding=1)
-    strided = Conv2d(4, 4, 3, stride=2, padding=1)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    strided = nn.Conv2d(4, 4, 3, stride=2, padding=1)
     configure_convolutions(nn.Sequential(conv, strided), winograd=True)
     out = conv(x)  # gradients on (training): ordinary path, gradients flow
     out.sum().backward()
@@ -81,11 +81,11 @@ def test_other_cases_take_the_ordinary_path():
 
 
 def test_layers_outside_the_pay_off_bounds_take_the_ordinary_path(monkeypatch):
-    import ldm.conv as c
+    import ldm.fast.conv_paths as c
 
     monkeypatch.setattr(c, "MIN_CHANNELS", 8)
     monkeypatch.setattr(c, "WINOGRAD_MAX_PIXELS", 64)
-    narrow, wide = Conv2d(4, 4, 3, padding=1), Conv2d(8, 8, 3, padding=1)
+    narrow, wide = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
     configure_convolutions(nn.Sequential(narrow, wide), winograd=True)
     with torch.no_grad():
         narrow(torch.randn(1, 4, 8, 8))
@@ -96,7 +96,7 @@ def test_layers_outside_the_pay_off_bounds_take_the_ordinary_path(monkeypatch):
 
 
 def test_state_dict_keys_are_those_of_nn_conv2d():
-    ours, theirs = Conv2d(3, 5, 3, padding=1), nn.Conv2d(3, 5, 3, padding=1)
+    ours, theirs = nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(3, 5, 3, padding=1)
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     configure_convolutions(ours, winograd=True)
     with torch.no_grad():
@@ -106,9 +106,9 @@ def test_state_dict_keys_are_those_of_nn_conv2d():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_large_maps_are_done_in_bands_with_the_same_result(monkeypatch, channels_last):
-    import ldm.winograd as w
+    import ldm.fast.winograd as w
 
-    conv = Conv2d(4, 3, 3, padding=1)
+    conv = nn.Conv2d(4, 3, 3, padding=1)
     x = torch.randn(2, 4, 13, 10, generator=torch.Generator().manual_seed(3))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -127,10 +127,10 @@ def test_large_maps_are_done_in_bands_with_the_same_result(monkeypatch, channels
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
 def test_im2col_matches_conv2d_reading_the_weight_in_place(shape, channels_last, bias):
-    import ldm.conv as c
+    import ldm.fast.conv_paths as c
 
     g = torch.Generator().manual_seed(sum(shape))
-    conv = Conv2d(shape[1], 5, 3, padding=1, bias=bias)
+    conv = nn.Conv2d(shape[1], 5, 3, padding=1, bias=bias)
     x = torch.randn(*shape, generator=g)
     if channels_last:
         conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -143,11 +143,11 @@ def test_im2col_matches_conv2d_reading_the_weight_in_place(shape, channels_last,
 
 
 def test_im2col_and_winograd_split_the_layers_by_map_size(monkeypatch):
-    import ldm.conv as c
+    import ldm.fast.conv_paths as c
 
     monkeypatch.setattr(c, "IM2COL_MAX_PIXELS", 64)
     monkeypatch.setattr(c, "IM2COL_OVER_WINOGRAD_PIXELS", 16)
-    conv = Conv2d(4, 4, 3, padding=1)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
     small, medium, large = (torch.randn(1, 4, s, s) for s in (4, 8, 16))
     with torch.no_grad():
         configure_convolutions(conv, im2col=True)
@@ -163,9 +163,9 @@ def test_im2col_and_winograd_split_the_layers_by_map_size(monkeypatch):
 @pytest.mark.parametrize("stride,padding,size", [(2, 1, (8, 8)), (2, 1, (7, 5)), (2, 0, (9, 9)), (1, 0, (6, 7))])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_im2col_strided_and_unpadded_matches_conv2d(stride, padding, size, channels_last):
-    import ldm.conv as c
+    import ldm.fast.conv_paths as c
 
-    conv = Conv2d(6, 5, 3, stride=stride, padding=padding)
+    conv = nn.Conv2d(6, 5, 3, stride=stride, padding=padding)
     x = torch.randn(2, 6, *size, generator=torch.Generator().manual_seed(stride + padding))
     if channels_last:
         conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -181,9 +181,9 @@ def test_im2col_strided_and_unpadded_matches_conv2d(stride, padding, size, chann
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_transient_winograd_matches_conv2d_and_keeps_nothing(channels_last):
-    import ldm.winograd as w
+    import ldm.fast.winograd as w
 
-    conv = Conv2d(7, 6, 3, padding=1)
+    conv = nn.Conv2d(7, 6, 3, padding=1)
     x = torch.randn(2, 7, 10, 9, generator=torch.Generator().manual_seed(5))
     if channels_last:
         conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -199,12 +199,12 @@ def test_transient_winograd_matches_conv2d_and_keeps_nothing(channels_last):
 
 
 def test_transient_winograd_leaves_wide_layers_to_im2col_or_the_direct_kernel(monkeypatch):
-    import ldm.conv as c
+    import ldm.fast.conv_paths as c
 
     monkeypatch.setattr(c, "TRANSIENT_MAX_CHANNELS", 8)
     monkeypatch.setattr(c, "IM2COL_MAX_PIXELS", 16)
     monkeypatch.setattr(c, "IM2COL_WIDE_WEIGHTS", 12 * 12)
-    narrow, wide, widest = Conv2d(8, 8, 3, padding=1), Conv2d(12, 8, 3, padding=1), Conv2d(12, 12, 3, padding=1)
+    narrow, wide, widest = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(12, 8, 3, padding=1), nn.Conv2d(12, 12, 3, padding=1)
     configure_convolutions(nn.Sequential(narrow, wide, widest), winograd="transient", im2col=True)
     x8, x12 = torch.randn(1, 8, 16, 16), torch.randn(1, 12, 16, 16)  # 256 pixels: above IM2COL_MAX_PIXELS
     with torch.no_grad():
@@ -215,7 +215,7 @@ def test_transient_winograd_leaves_wide_layers_to_im2col_or_the_direct_kernel(mo
 
 
 def test_strided_layers_take_im2col_up_to_its_bound_even_with_cached_winograd():
-    strided = Conv2d(8, 8, 3, stride=2, padding=1)
+    strided = nn.Conv2d(8, 8, 3, stride=2, padding=1)
     configure_convolutions(strided, winograd="cached", im2col=True)
     x = torch.randn(1, 8, 12, 12)  # 6x6 output: above IM2COL_OVER_WINOGRAD_PIXELS, but Winograd is stride 1 only
     with torch.no_grad():
@@ -225,4 +225,4 @@ def test_strided_layers_take_im2col_up_to_its_bound_even_with_cached_winograd():
 
 def test_unknown_winograd_mode_is_refused():
     with pytest.raises(ValueError, match="winograd must be one of cached, transient"):
-        configure_convolutions(Conv2d(4, 4, 3, padding=1), winograd="fast")
+        configure_convolutions(nn.Conv2d(4, 4, 3, padding=1), winograd="fast")

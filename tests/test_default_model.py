@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from ldm.cli import main
-from ldm.default_model import default_model_path
+from ldm.shapes.default_model import default_model_path
 from ldm.pipeline import Pipeline
-from ldm.shapes import ShapeObject
-from ldm.shapes_eval import detect_objects
+from ldm.shapes.dataset import ShapeObject
+from ldm.shapes.evaluate import detect_objects
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from ldm import compvis
-from ldm.model_io import load_model, save_diffusers_folder, save_single_file
-from ldm.weights import CheckpointError, read_safetensors, write_safetensors
+from ldm.io import compvis
+from ldm.io.model_files import load_model, save_diffusers_folder, save_single_file
+from ldm.io.weights import CheckpointError, read_safetensors, write_safetensors
 from tiny import write_tiny_sd_folder
 
 

@@ -5,10 +5,10 @@ Tolerance: 1e-5 max abs difference (fp32; both sides run the same math, only op 
 import pytest
 import torch
 
-from ldm.autoencoder import AutoencoderKL
-from ldm.diffusers_config import unet_config_from_diffusers, vae_config_from_diffusers
-from ldm.unet import UNet
-from ldm.weights import CheckpointError, load_state_dict_checked
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.io.diffusers_config import unet_config_from_diffusers, vae_config_from_diffusers
+from ldm.models.unet import UNet
+from ldm.io.weights import CheckpointError, load_state_dict_checked
 from tiny import tiny_unet, tiny_vae
 
 TOL = 1e-5

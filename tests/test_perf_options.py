@@ -20,14 +20,16 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.attention import Attention, configure_attention
-from ldm.autoencoder import AutoencoderKL
-from ldm.diffusers_config import unet_config_from_diffusers, vae_config_from_diffusers
+from ldm.fast.attention import configure_attention
+from ldm.models.attention import Attention
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.io.diffusers_config import unet_config_from_diffusers, vae_config_from_diffusers
 from ldm.pipeline import Pipeline
-from ldm.samplers import plan_sampling
-from ldm.unet import StepCache, UNet, UNetConfig
-from ldm.weights import load_state_dict_checked
-from ldm.conv import configure_convolutions
+from ldm.sampling.plan import plan_sampling
+from ldm.fast.step_cache import StepCache
+from ldm.models.unet import UNet, UNetConfig
+from ldm.io.weights import load_state_dict_checked
+from ldm.fast.conv_paths import configure_convolutions
 from tiny import tiny_unet, tiny_vae, write_tiny_sd_folder
 
 TOL = 1e-5
@@ -48,7 +50,7 @@ def unet_inputs(batch=2, size=(16, 24), seed=1):
 @pytest.fixture
 def winograd_everywhere(monkeypatch):
     """The tiny models' layers are below the measured pay-off bounds; lift them."""
-    import ldm.conv as c
+    import ldm.fast.conv_paths as c
 
     monkeypatch.setattr(c, "MIN_CHANNELS", 1)
     monkeypatch.setattr(c, "WINOGRAD_MAX_PIXELS", 10**9)
@@ -106,7 +108,7 @@ def test_query_chunks_split_the_attention(monkeypatch):
         sdpa = torch.nn.functional.scaled_dot_product_attention
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                             lambda q, k, v: calls.append(q.shape[2]) or sdpa(q, k, v))
-        attn.query_chunk = 10
+        configure_attention(attn, query_chunk=10)
         got = attn(x, ctx)
     assert calls == [10, 10, 3]
     assert (got - want).abs().max().item() <= TOL
@@ -117,13 +119,13 @@ def test_fused_projections_follow_weight_changes_and_keep_gradients():
     attn = Attention(16, heads=2, head_dim=8, bias=True, norm_groups=4).eval()  # the VAE's biased variant
     other = {k: torch.randn_like(v) for k, v in attn.state_dict().items()}
     x = torch.randn(1, 16, 3, 5)
-    attn.fuse_projections()
+    configure_attention(attn, fuse_projections=True)
     attn.load_state_dict(other)  # after fusing: the fused copy must be rebuilt, not reused
     with torch.no_grad():
         fused = attn(x)
-        attn.unfuse_projections()
+        configure_attention(attn)  # back to the plain module
         assert (fused - attn(x)).abs().max().item() <= TOL
-    attn.fuse_projections()
+    configure_attention(attn, fuse_projections=True)
     attn.train()
     attn(x).square().sum().backward()  # with gradients on, the projections themselves run
     for lin in (attn.to_q, attn.to_k, attn.to_v):
@@ -136,7 +138,7 @@ def test_bad_options_are_clear_errors():
         configure_attention(attn, query_chunk=0)
     attn.to_q = nn.Sequential(nn.Linear(16, 16, bias=False))  # stands in for an adapter-wrapped projection
     with pytest.raises(ValueError, match="merge them first"):
-        attn.fuse_projections()
+        configure_attention(attn, fuse_projections=True)
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="interval must be an integer >= 1"):
             StepCache(bad)
@@ -148,7 +150,7 @@ def test_step_cache_interval_one_is_the_plain_unet():
     cache = StepCache(interval=1)
     with torch.no_grad():
         for _ in range(3):
-            assert torch.equal(unet(x, t, ctx, cache=cache), unet(x, t, ctx))
+            assert torch.equal(cache(unet, x, t, ctx), unet(x, t, ctx))
     assert cache.full_calls == 3
 
 
@@ -158,14 +160,14 @@ def test_step_cache_shallow_call_reuses_the_deep_features():
     x2, t2, _ = unet_inputs(seed=5)
     cache = StepCache(interval=3)
     with torch.no_grad():
-        full = unet(x, t, ctx, cache=cache)
+        full = cache(unet, x, t, ctx)
         # same inputs again: the cached deep features are exactly this input's, so the result is too
-        assert (unet(x, t, ctx, cache=cache) - full).abs().max().item() <= 1e-6
-        shallow = unet(x2, t2, ctx, cache=cache)  # other inputs on stale deep features: an approximation
+        assert (cache(unet, x, t, ctx) - full).abs().max().item() <= 1e-6
+        shallow = cache(unet, x2, t2, ctx)  # other inputs on stale deep features: an approximation
         assert not torch.allclose(shallow, unet(x2, t2, ctx), atol=1e-3)
         assert cache.full_calls == 1
-        unet(x2, t2, ctx, cache=cache)  # call 4: refresh
-        unet(x2[:1], t2[:1], ctx[:1], cache=cache)  # a batch change cannot use the cache either
+        cache(unet, x2, t2, ctx)  # call 4: refresh
+        cache(unet, x2[:1], t2[:1], ctx[:1])  # a batch change cannot use the cache either
     assert cache.calls == 5 and cache.full_calls == 3
 
 

@@ -10,8 +10,8 @@ import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, HeunDiscreteScheduler)
 
-from ldm.samplers import plan_sampling
-from ldm.schedule import NoiseSchedule, karras_sigmas, sigma_to_t
+from ldm.sampling.plan import plan_sampling
+from ldm.sampling.schedule import NoiseSchedule, karras_sigmas, sigma_to_t
 
 CLASSES = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler,
            "euler_ancestral": EulerAncestralDiscreteScheduler, "heun": HeunDiscreteScheduler,

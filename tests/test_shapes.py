@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from ldm.shapes import (
+from ldm.shapes.dataset import (
     BACKGROUND, COLOURS, HELD_OUT, MARGIN, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, place_pair, place_single,
     random_scene, read_scenes, render, write_shapes_dataset,
 )
-from ldm.shapes_eval import (
+from ldm.shapes.evaluate import (
     CATEGORIES, detect_objects, eval_cases, run_shapes_eval, score_case, score_single, to_uint8,
 )
 
@@ -441,7 +441,7 @@ def test_seed_relation_attention_labels_token_sides(seed_script):
 def test_seed_relation_attention_writes_exactly_the_side_term(seed_script):
     """The written rows add alpha * (x . p)(e . s), summed over both axes, to head 0's scaled logits;
     every other row and head is left as it was. Ridge recovers an exact linear map."""
-    from ldm.attention import Attention
+    from ldm.models.attention import Attention
 
     seed = seed_script
     g = torch.Generator().manual_seed(0)

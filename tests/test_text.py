@@ -392,7 +392,7 @@ def test_text_layer_probe_captions_name_sides_and_pairs_right() -> None:
     import importlib.util
     import random
 
-    from ldm.shapes import COLOURS, HELD_OUT, SHAPES
+    from ldm.shapes.dataset import COLOURS, HELD_OUT, SHAPES
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "text_layer_probe.py"
     spec = importlib.util.spec_from_file_location("text_layer_probe", path)

@@ -32,7 +32,7 @@ def tiny_sd() -> Path:
 
 @functools.cache
 def shapes(n: int = 16, resolution: int = 16) -> Path:
-    from ldm.shapes import write_shapes_dataset
+    from ldm.shapes.dataset import write_shapes_dataset
 
     return write_shapes_dataset(_WORK / f"shapes-{n}-{resolution}", n, seed=0, resolution=resolution, progress=False)
 

@@ -103,7 +103,7 @@ def test_unet_stage_refuses_schedules_it_could_not_finish():
     sampler that cannot sample the schedule, would otherwise fail hours in."""
     from dataclasses import replace
 
-    from ldm.schedule import NoiseSchedule
+    from ldm.sampling.schedule import NoiseSchedule
     from ldm.train.config import ValidationConfig
     from ldm.train.stage_unet import check_schedule
 

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from test_train_common import run_training, unet_stage
 
-from ldm.shapes import write_shapes_dataset
+from ldm.shapes.dataset import write_shapes_dataset
 from ldm.train import stage_unet
 from ldm.train.config import load_config
 from ldm.train.data import CaptionDataset, collate, scan_records

@@ -28,8 +28,8 @@ def finetune(out, *extra: str) -> int:
 def test_lora_finetune_writes_small_file_and_merged_model(tmp_path):
     from safetensors import safe_open
 
-    from ldm.model_io import load_model
-    from ldm.train.lora import apply_lora
+    from ldm.io.model_files import load_model
+    from ldm.io.lora import apply_lora
 
     out = tmp_path / "lora-run"
     assert finetune(out, "--lora", "--rank", "2", "--learning-rate", "0.01") == 0
@@ -55,7 +55,7 @@ def test_lora_finetune_writes_small_file_and_merged_model(tmp_path):
 
 
 def test_full_finetune_changes_the_unet_only(tmp_path):
-    from ldm.model_io import load_model
+    from ldm.io.model_files import load_model
 
     out = tmp_path / "full-run"
     assert finetune(out, "--learning-rate", "0.001") == 0
@@ -74,9 +74,10 @@ def test_lora_file_matches_diffusers_loader(tmp_path, scale):
     apply_lora give the same U-Net."""
     from diffusers import StableDiffusionPipeline
 
-    from ldm.model_io import load_model
+    from ldm.io.model_files import load_model
     from ldm.train.config import LoraConfig
-    from ldm.train.lora import add_lora, apply_lora, save_lora
+    from ldm.io.lora import apply_lora
+    from ldm.train.lora import add_lora, save_lora
 
     cfg = LoraConfig(rank=4, alpha=8.0)
     peft_unet = load_model(tiny_sd()).unet
@@ -104,9 +105,9 @@ def test_lora_file_matches_diffusers_loader(tmp_path, scale):
 
 
 def test_apply_lora_refuses_mismatched_files(tmp_path):
-    from ldm.model_io import load_model
-    from ldm.train.lora import apply_lora
-    from ldm.weights import CheckpointError, write_safetensors
+    from ldm.io.model_files import load_model
+    from ldm.io.lora import apply_lora
+    from ldm.io.weights import CheckpointError, write_safetensors
 
     unet = load_model(tiny_sd()).unet
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.schedule import NoiseSchedule
+from ldm.sampling.schedule import NoiseSchedule
 from ldm.train.diffusion_loss import debiased_weights, diffusion_loss, min_snr_weights, noised_inputs
 from ldm.train.order import StepDraws
 

@@ -79,7 +79,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, on
     run_training(cfg, single, overrides=["train.batch_size=4"])
     assert log_losses(tmp_path / "ddp") == pytest.approx(log_losses(single), rel=1e-5)
     # lr 1e-3 for 3 steps moves weights by up to ~3e-3: a rank training on its own half would be that far off
-    from ldm.model_io import load_model
+    from ldm.io.model_files import load_model
 
     trained = load_model(single).unet.state_dict()
     apart = max((trained[k] - ranks[0][k]).abs().max().item() for k in trained)

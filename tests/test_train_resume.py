@@ -74,7 +74,7 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(tmp_path, caplog):
 
 def test_trained_folder_generates_and_converts(tmp_path):
     from ldm.cli import main as ldm_main
-    from ldm.model_io import load_model
+    from ldm.io.model_files import load_model
     from ldm.pipeline import Pipeline
 
     out = tmp_path / "model"
@@ -99,11 +99,11 @@ def test_trained_folder_generates_and_converts(tmp_path):
 
 
 def test_mixed_precision_and_gradient_checkpointing(tmp_path, monkeypatch):
-    import ldm.unet
+    import ldm.models.unet
 
     calls = []
-    real = ldm.unet.checkpoint
-    monkeypatch.setattr(ldm.unet, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = ldm.models.unet.checkpoint
+    monkeypatch.setattr(ldm.models.unet, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = unet_stage(train={"max_steps": 2, "mixed_precision": "bf16", "gradient_checkpointing": True,
                             "gradient_accumulation_steps": 2})
     result = run_training(cfg, tmp_path / "bf16")

@@ -13,11 +13,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_vae_stage_writes_a_loadable_folder_with_measured_scaling_factor(tmp_path):
-    from ldm.autoencoder import AutoencoderKL
-    from ldm.diffusers_config import vae_config_from_diffusers
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.io.diffusers_config import vae_config_from_diffusers
     from ldm.train.config import DataConfig
     from ldm.train.data import CaptionDataset, scan_records
-    from ldm.weights import load_state_dict_checked, read_safetensors
+    from ldm.io.weights import load_state_dict_checked, read_safetensors
 
     out = tmp_path / "vae"
     cfg = vae_stage(loss={"disc_start": 2, "disc_channels": 8, "disc_layers": 2}, ema={"enabled": True, "decay": 0.9})
@@ -55,7 +55,7 @@ def test_vae_resume_is_exact_with_discriminator(tmp_path):
 
 
 def test_stage_2_trains_on_the_stage_1_vae(tmp_path):
-    from ldm.model_io import load_model
+    from ldm.io.model_files import load_model
 
     run_training(vae_stage(train={"max_steps": 1}), tmp_path / "vae")
     run_training(unet_stage(vae=str(tmp_path / "vae"), unet={"cross_attention_dim": 32}, train={"max_steps": 1}),

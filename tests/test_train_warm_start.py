@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from ldm.model_io import load_model
+from ldm.io.model_files import load_model
 from ldm.train.components import warm_start_unet
-from ldm.unet import UNet
-from ldm.weights import CheckpointError
+from ldm.models.unet import UNet
+from ldm.io.weights import CheckpointError
 from test_train_common import run_training, unet_stage
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.autoencoder import AutoencoderKL
-from ldm.diffusers_config import vae_config_from_diffusers
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.io.diffusers_config import vae_config_from_diffusers
 from ldm.pipeline import Pipeline
-from ldm.vae_tiling import VaeTiling, blend_tiles, decode_latents, encode_images, tile_starts
-from ldm.weights import load_state_dict_checked
+from ldm.fast.vae_tiling import VaeTiling, blend_tiles, decode_latents, encode_images, tile_starts
+from ldm.io.weights import load_state_dict_checked
 from tiny import tiny_vae, write_tiny_sd_folder
 
 TILED_MEAN_TOL, TILED_MAX_TOL = 0.025, 0.2  # measured 0.019 / 0.155, see above

@@ -2,6 +2,7 @@
 (full or LoRA), with atomic checkpoints and exact resume. See docs/TRAINING.md.
 
 Entry points: `ldm.train.runner.train(cfg, output_dir, resume)`, `ldm.train.config.load_config`,
-`ldm.train.commands.register` (the CLI), `ldm.train.lora.apply_lora` (merging a LoRA for generation).
-Nothing is imported here, so `ldm.train.lora` loads without accelerate's start-up cost.
+`ldm.train.commands.register` (the CLI). Generation never imports this package: merging a LoRA
+for generation is `ldm.io.lora.apply_lora`.
+Nothing is imported here, so `import ldm.train.config` loads without accelerate's start-up cost.
 """

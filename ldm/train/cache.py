@@ -12,9 +12,9 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from ..autoencoder import AutoencoderKL
-from ..text import TextEncoder
-from .data import CaptionDataset
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.text import TextEncoder
+from ldm.train.data import CaptionDataset
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from ..weights import CheckpointError
+from ldm.io.weights import CheckpointError
 
 logger = logging.getLogger(__name__)
 

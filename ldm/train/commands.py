@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import load_config
+from ldm.train.config import load_config
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -53,7 +53,7 @@ def _max_steps(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .runner import train
+    from ldm.train.runner import train
 
     cfg = load_config(args.config, [*args.overrides, *_max_steps(args)])
     train(cfg, args.output_dir, resume=args.resume)
@@ -61,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def finetune_config(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tuning defaults, then the --config YAML, then the flags the user actually gave."""
-    from .config_io import read_yaml
+    from ldm.train.config_io import read_yaml
 
     for flag in ("rank", "batch_size", "resolution"):
         value = getattr(args, flag)
@@ -90,7 +90,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from .runner import train
+    from ldm.train.runner import train
 
     cfg = load_config(None, [*args.overrides, *_max_steps(args)], base=finetune_config(args))
     train(cfg, args.output_dir, resume=args.resume)

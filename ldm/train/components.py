@@ -8,14 +8,14 @@ from pathlib import Path
 
 from torch import nn
 
-from ..autoencoder import AutoencoderKL
-from ..diffusers_config import upgrade_legacy_vae_keys, vae_config_from_diffusers
-from ..model_io import ModelParts, load_model
-from ..attention import SpatialTransformer
-from ..text import load_text_encoder
-from ..unet import UNet
-from ..weights import CheckpointError, load_state_dict_checked, read_safetensors
-from .config import UNetStageConfig
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.io.diffusers_config import upgrade_legacy_vae_keys, vae_config_from_diffusers
+from ldm.io.model_files import ModelParts, load_model
+from ldm.models.attention import SpatialTransformer
+from ldm.text import load_text_encoder
+from ldm.models.unet import UNet
+from ldm.io.weights import CheckpointError, load_state_dict_checked, read_safetensors
+from ldm.train.config import UNetStageConfig
 
 logger = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from ..autoencoder import AutoencoderConfig
-from ..schedule import NoiseSchedule
-from ..unet import UNetConfig
-from .config_io import apply_overrides, from_dict, read_yaml
+from ldm.models.autoencoder import AutoencoderConfig
+from ldm.sampling.schedule import NoiseSchedule
+from ldm.models.unet import UNetConfig
+from ldm.train.config_io import apply_overrides, from_dict, read_yaml
 
 
 def _choice(key: str, value: Any, choices: tuple) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import DataConfig
+from ldm.train.config import DataConfig
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .order import StepDraws
+from ldm.train.order import StepDraws
 
 
 def noised_inputs(latents: torch.Tensor, alphas_cumprod: torch.Tensor, draws: StepDraws, num_timesteps: int,

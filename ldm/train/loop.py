@@ -15,11 +15,11 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, remove_stale, save_checkpoint
-from .config import LoopConfig
-from .data import CaptionDataset, collate
-from .order import GlobalBatchOrder, StepDraws
-from .signals import StopRequest, ignore_stop_signals_in_worker
+from ldm.train.checkpoint import load_checkpoint, remove_stale, save_checkpoint
+from ldm.train.config import LoopConfig
+from ldm.train.data import CaptionDataset, collate
+from ldm.train.order import GlobalBatchOrder, StepDraws
+from ldm.train.signals import StopRequest, ignore_stop_signals_in_worker
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from .config import OptimConfig
+from ldm.train.config import OptimConfig
 
 
 def lr_factor(step: int, cfg: OptimConfig, horizon: int) -> float:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .data import DataError
+from ldm.train.data import DataError
 
 
 class GlobalBatchOrder:

@@ -12,13 +12,13 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 
-from .checkpoint import list_checkpoints, resolve_resume
-from .config import StageConfig, UNetStageConfig, VAEStageConfig
-from .config_io import to_dict
-from .data import CaptionDataset, scan_records
-from .loop import LoopResult, run_loop
-from .stage_unet import UNetStage
-from .stage_vae import VAEStage
+from ldm.train.checkpoint import list_checkpoints, resolve_resume
+from ldm.train.config import StageConfig, UNetStageConfig, VAEStageConfig
+from ldm.train.config_io import to_dict
+from ldm.train.data import CaptionDataset, scan_records
+from ldm.train.loop import LoopResult, run_loop
+from ldm.train.stage_unet import UNetStage
+from ldm.train.stage_vae import VAEStage
 
 logger = logging.getLogger(__name__)
 

@@ -10,21 +10,21 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from ..model_io import ModelParts, save_diffusers_folder
-from ..pipeline import Pipeline
-from ..samplers import plan_sampling
-from ..schedule import NoiseSchedule
-from ..unet import UNet
-from .cache import LatentCache, TextCache
-from .components import build_parts
-from .config import UNetStageConfig
-from .data import CaptionDataset
-from .diffusion_loss import diffusion_loss, noised_inputs
-from .ema import EMA
-from .grid import save_grid
-from .lora import add_lora, merged_unet, save_lora
-from .optim import make_optimizer, make_scheduler
-from .order import StepDraws
+from ldm.io.model_files import ModelParts, save_diffusers_folder
+from ldm.pipeline import Pipeline
+from ldm.sampling.plan import plan_sampling
+from ldm.sampling.schedule import NoiseSchedule
+from ldm.models.unet import UNet
+from ldm.train.cache import LatentCache, TextCache
+from ldm.train.components import build_parts
+from ldm.train.config import UNetStageConfig
+from ldm.train.data import CaptionDataset
+from ldm.train.diffusion_loss import diffusion_loss, noised_inputs
+from ldm.train.ema import EMA
+from ldm.train.grid import save_grid
+from ldm.train.lora import add_lora, merged_unet, save_lora
+from ldm.train.optim import make_optimizer, make_scheduler
+from ldm.train.order import StepDraws
 
 logger = logging.getLogger(__name__)
 

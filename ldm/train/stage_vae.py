@@ -16,17 +16,17 @@ from accelerate import Accelerator
 from PIL import Image
 from torch import nn
 
-from ..autoencoder import AutoencoderKL
-from ..diffusers_config import vae_config_to_diffusers
-from ..weights import write_json, write_safetensors
-from .components import VAE_WEIGHTS
-from .config import VAEStageConfig
-from .data import CaptionDataset
-from .ema import EMA
-from .grid import save_grid
-from .optim import make_optimizer, make_scheduler
-from .order import StepDraws
-from .vae_loss import (PatchDiscriminator, adaptive_weight, hinge_d_loss, logits_without_param_grads,
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.io.diffusers_config import vae_config_to_diffusers
+from ldm.io.weights import write_json, write_safetensors
+from ldm.train.components import VAE_WEIGHTS
+from ldm.train.config import VAEStageConfig
+from ldm.train.data import CaptionDataset
+from ldm.train.ema import EMA
+from ldm.train.grid import save_grid
+from ldm.train.optim import make_optimizer, make_scheduler
+from ldm.train.order import StepDraws
+from ldm.train.vae_loss import (PatchDiscriminator, adaptive_weight, hinge_d_loss, logits_without_param_grads,
                        reconstruction_loss)
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .config import VAELossConfig
+from ldm.train.config import VAELossConfig
 
 
 class PatchDiscriminator(nn.Module):

@@ -11,8 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import Conv2d
-
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
                        max_period: float = 10000.0) -> torch.Tensor:
@@ -51,11 +49,11 @@ class ResnetBlock(nn.Module):
                  dropout: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
-        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_dim, out_ch) if temb_dim is not None else None
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,7 +71,7 @@ class Downsample(nn.Module):
     def __init__(self, ch: int, asymmetric_pad: bool = False) -> None:
         super().__init__()
         self.asymmetric_pad = asymmetric_pad
-        self.conv = Conv2d(ch, ch, 3, stride=2, padding=0 if asymmetric_pad else 1)
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if asymmetric_pad else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.asymmetric_pad:
@@ -86,7 +84,7 @@ class Upsample(nn.Module):
 
     def __init__(self, ch: int) -> None:
         super().__init__()
-        self.conv = Conv2d(ch, ch, 3, padding=1)
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         dtype = x.dtype

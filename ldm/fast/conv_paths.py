@@ -1,4 +1,4 @@
-"""The 3x3 convolution of every U-Net and VAE block, with opt-in CPU paths that need less time.
+"""Opt-in CPU paths for the 3x3 convolutions of the U-Net and VAE, applied from outside the models.
 
 oneDNN's direct kernel on this CPU is efficient on wide, shallow maps but far from the FMA peak on
 the deep, small maps of a U-Net: 1280 channels on a 4x4 map take as long as 4x the arithmetic at 320
@@ -14,6 +14,10 @@ channels on 32x32 (docs/BENCHMARKS.md). The exact alternatives (fp32 rounding on
 
 All apply only to fp32 CPU inputs without gradients and at least MIN_CHANNELS input channels;
 everything else, and everything by default, takes nn.Conv2d's path.
+
+The models build plain `nn.Conv2d` layers; `configure_convolutions` turns the 3x3 ones of a model
+into `PathConv2d` (same parameters, same checkpoint keys) and back, so a model file never needs to
+know that these paths exist.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .winograd import transform_kernel, transform_kernel_fp32, winograd_conv3x3
+from ldm.fast.winograd import transform_kernel, transform_kernel_fp32, winograd_conv3x3
 
 # Bounds measured per layer on a 2-core AVX2 CPU (scripts/conv_layers.py, docs/BENCHMARKS.md).
 MIN_CHANNELS = 256
@@ -57,19 +61,17 @@ def im2col_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.view(n, ho, wo, co).permute(0, 3, 1, 2)
 
 
-class Conv2d(nn.Conv2d):
+class PathConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and checkpoint keys) with the opt-in im2col and Winograd paths.
 
-    `configure_convolutions` switches them. A cached Winograd kernel is rebuilt when the weight
-    changes in place (optimizer step, load_state_dict) or is replaced (.to()).
+    Made only by `configure_convolutions`, which swaps the class of an existing layer in place. A
+    cached Winograd kernel is rebuilt when the weight changes in place (optimizer step,
+    load_state_dict) or is replaced (.to()).
     """
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.winograd: str | None = None
-        self.im2col = False
-        self._kernel: torch.Tensor | None = None
-        self._kernel_from: tuple = ()
+    winograd: str | None = None
+    im2col: bool = False
+    _kernel: torch.Tensor | None = None
+    _kernel_from: tuple = ()
 
     def _path(self, x: torch.Tensor) -> str:
         if not (self.winograd or self.im2col) or torch.is_grad_enabled() or x.device.type != "cpu" \
@@ -106,17 +108,26 @@ class Conv2d(nn.Conv2d):
 
 
 def configure_convolutions(model: nn.Module, winograd: bool | str = False, im2col: bool = False) -> int:
-    """Switches the opt-in paths of every `Conv2d` of `model`; returns how many 3x3 layers it has.
+    """Switches the opt-in paths of every 3x3 convolution of `model`; returns how many it has.
 
-    winograd: False, "cached" (or True) or "transient".
+    winograd: False, "cached" (or True) or "transient". With both off every layer is a plain
+    nn.Conv2d again.
     """
     mode = "cached" if winograd is True else winograd or None
     if mode is not None and mode not in WINOGRAD_MODES:
         raise ValueError(f"winograd must be one of {', '.join(WINOGRAD_MODES)}, got {winograd!r}")
+    on = mode is not None or im2col
     count = 0
     for module in model.modules():
-        if isinstance(module, Conv2d):
+        if type(module) not in (nn.Conv2d, PathConv2d) or module.kernel_size != (3, 3):
+            continue
+        count += 1
+        if on:
+            module.__class__ = PathConv2d
             module.winograd, module.im2col = mode, im2col
             module._kernel, module._kernel_from = None, ()
-            count += module.kernel_size == (3, 3)
+        elif type(module) is PathConv2d:
+            for name in ("winograd", "im2col", "_kernel", "_kernel_from"):
+                module.__dict__.pop(name, None)
+            module.__class__ = nn.Conv2d
     return count

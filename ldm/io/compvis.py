@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .autoencoder import AutoencoderConfig
-from .unet import UNetConfig
+from ldm.models.autoencoder import AutoencoderConfig
+from ldm.models.unet import UNetConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

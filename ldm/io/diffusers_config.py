@@ -6,8 +6,8 @@ than silently building a different network.
 """
 from __future__ import annotations
 
-from .autoencoder import AutoencoderConfig
-from .unet import UNetConfig
+from ldm.models.autoencoder import AutoencoderConfig
+from ldm.models.unet import UNetConfig
 
 _UNET_UNSUPPORTED_IF_SET = (
     "class_embed_type", "addition_embed_type", "encoder_hid_dim", "time_cond_proj_dim", "num_class_embeds",

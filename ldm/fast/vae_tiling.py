@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .autoencoder import AutoencoderKL, DiagonalGaussian
+from ldm.models.autoencoder import AutoencoderKL, DiagonalGaussian
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+DEFAULT_MODEL_DIR = Path(__file__).parent.parent / "default_model"  # package data: ldm/default_model/
 
 
 def default_model_path() -> Path:

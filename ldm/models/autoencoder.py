@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention
-from .layers import ResnetBlock, Upsample
-from .unet import DownBlock, MidBlock
-from .conv import Conv2d
+from ldm.models.attention import Attention
+from ldm.models.layers import ResnetBlock, Upsample
+from ldm.models.blocks import DownBlock, MidBlock
 
 
 @dataclass
@@ -43,14 +42,14 @@ class Encoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig) -> None:
         super().__init__()
         chs, g = cfg.block_out_channels, cfg.norm_num_groups
-        self.conv_in = Conv2d(cfg.in_channels, chs[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
             DownBlock(chs[max(i - 1, 0)], ch, cfg.layers_per_block, None, i < len(chs) - 1,
                       groups=g, eps=1e-6, asymmetric_pad=True)
             for i, ch in enumerate(chs)])
         self.mid_block = _mid_block(chs[-1], g, cfg.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(g, chs[-1], eps=1e-6)
-        self.conv_out = Conv2d(chs[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(chs[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
@@ -77,13 +76,13 @@ class Decoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig) -> None:
         super().__init__()
         chs, g = list(reversed(cfg.block_out_channels)), cfg.norm_num_groups
-        self.conv_in = Conv2d(cfg.latent_channels, chs[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, chs[0], 3, padding=1)
         self.mid_block = _mid_block(chs[0], g, cfg.mid_block_add_attention)
         self.up_blocks = nn.ModuleList([
             DecoderUpBlock(chs[max(i - 1, 0)], ch, cfg.layers_per_block + 1, i < len(chs) - 1, g)
             for i, ch in enumerate(chs)])
         self.conv_norm_out = nn.GroupNorm(g, chs[-1], eps=1e-6)
-        self.conv_out = Conv2d(chs[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(chs[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm.shapes import (
+from ldm.shapes.dataset import (
     BACKGROUND, COLOURS, FRAME, HELD_OUT, RELATIONS, SIZES, Scene, ShapeObject, allowed_pairs, place_pair,
     place_single, random_attributes, render,
 )

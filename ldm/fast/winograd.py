@@ -6,7 +6,7 @@ matrix products over channels, M[k] = V[k] @ U[k], and each output tile is A^T M
 have entries 0, +-1/2, +-1, so in fp32 the result differs from a direct convolution by rounding only
 (about 1e-6 relative; tests/test_conv_paths.py). oneDNN's CPU convolutions on AVX2 have no Winograd
 path, which is why this wins there; on CUDA cuDNN already chooses its own algorithms, so this path is
-CPU-only. ldm.conv.Conv2d decides where it is used.
+CPU-only. ldm.fast.conv_paths.Conv2d decides where it is used.
 """
 from __future__ import annotations
 

@@ -23,57 +23,19 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim or dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
-        # Opt-in switches (see configure_attention); neither is part of the checkpoint.
         self.is_cross = context_dim is not None
-        self.query_chunk: int | None = None
-        self.register_buffer("fused_weight", None, persistent=False)
-        self.register_buffer("fused_bias", None, persistent=False)
-        self._fused_from: tuple = ()
-
-    def _fused_linears(self) -> tuple[nn.Module, ...]:
-        return (self.to_k, self.to_v) if self.is_cross else (self.to_q, self.to_k, self.to_v)
-
-    def _weights_state(self) -> tuple:
-        # in-place updates (optimizer steps, load_state_dict) bump _version; .to() swaps the storage
-        return tuple((lin.weight.data_ptr(), lin.weight._version) for lin in self._fused_linears())
-
-    def fuse_projections(self) -> None:
-        """One matmul for q, k and v (self-attention) or k and v (cross-attention), from the weights
-        concatenated now; rebuilt by itself when they change. Used only with gradients off, since the
-        concatenated copy carries no gradient to the projections."""
-        linears = self._fused_linears()
-        if any(type(lin) is not nn.Linear for lin in linears):
-            raise ValueError("cannot fuse attention projections wrapped by adapters (LoRA): merge them first")
-        with torch.no_grad():
-            self.fused_weight = torch.cat([lin.weight for lin in linears])
-            self.fused_bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
-        self._fused_from = self._weights_state()
-
-    def unfuse_projections(self) -> None:
-        self.fused_weight, self.fused_bias, self._fused_from = None, None, ()
 
     def _project(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        if self.fused_weight is None or torch.is_grad_enabled():
-            ctx = x if context is None else context
-            return self.to_q(x), self.to_k(ctx), self.to_v(ctx)
-        if self._weights_state() != self._fused_from:
-            self.fuse_projections()
-        if self.is_cross:
-            return (self.to_q(x), *F.linear(context, self.fused_weight, self.fused_bias).chunk(2, dim=-1))
-        return F.linear(x, self.fused_weight, self.fused_bias).chunk(3, dim=-1)
+        ctx = x if context is None else context
+        return self.to_q(x), self.to_k(ctx), self.to_v(ctx)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        chunk = self.query_chunk
-        if chunk is None or q.shape[2] <= chunk:
-            return F.scaled_dot_product_attention(q, k, v)
-        # Every query chunk still attends to all keys, so this is exact up to rounding; it bounds the
-        # score matrix at chunk x keys for backends that materialise it (the math kernel).
-        return torch.cat([F.scaled_dot_product_attention(qc, k, v) for qc in q.split(chunk, dim=2)], dim=2)
+        return F.scaled_dot_product_attention(q, k, v)
 
     def attend(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, N, C] tokens; context: [B, M, D] or None."""
         b = x.shape[0]
-        # reshape, not view: fused projections are strided slices of one matmul output
+        # reshape, not view: projections may be strided slices of one matmul output (ldm/fast/attention.py)
         q, k, v = (t.reshape(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
                    for t in self._project(x, context))
         out = self._sdpa(q, k, v)
@@ -166,20 +128,3 @@ class SpatialTransformer(nn.Module):
         if not self.linear_projection:
             y = self.proj_out(y.contiguous())
         return x + y
-
-
-def configure_attention(model: nn.Module, *, query_chunk: int | None = None, fuse_projections: bool = False) -> None:
-    """Set the opt-in attention switches on every Attention in `model`.
-
-    query_chunk: attend this many query tokens at a time (None: all at once), bounding attention
-    memory at high resolution; fuse_projections: one matmul for the q/k/v (or k/v) projections.
-    """
-    if query_chunk is not None and query_chunk < 1:
-        raise ValueError(f"attention query chunk must be >= 1 tokens, got {query_chunk}")
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.query_chunk = query_chunk
-            if fuse_projections:
-                module.fuse_projections()
-            else:
-                module.unfuse_projections()

@@ -1,7 +1,7 @@
 """The procedural "shapes" dataset: flat-coloured circles, squares and triangles with captions.
 
 A dataset small models can learn in minutes and whose every image can be scored exactly: colours are
-exact palette RGB with no anti-aliasing, so `ldm.shapes_eval` can read the ground truth back from the
+exact palette RGB with no anti-aliasing, so `ldm.shapes.evaluate` can read the ground truth back from the
 pixels. Geometry lives in a fixed 64 px frame; `render` scales it to other resolutions.
 """
 from __future__ import annotations

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from . import compvis
-from .autoencoder import AutoencoderKL
-from .diffusers_config import (unet_config_from_diffusers, unet_config_to_diffusers, upgrade_legacy_vae_keys,
+from ldm.io import compvis
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.io.diffusers_config import (unet_config_from_diffusers, unet_config_to_diffusers, upgrade_legacy_vae_keys,
                                vae_config_from_diffusers, vae_config_to_diffusers)
-from .schedule import NoiseSchedule
-from .text import TextEncoder, load_text_encoder_from_folder
-from .unet import UNet
-from .weights import CheckpointError, load_state_dict_checked, read_safetensors, read_weights, write_json, write_safetensors
+from ldm.sampling.schedule import NoiseSchedule
+from ldm.text import TextEncoder, load_text_encoder_from_folder
+from ldm.models.unet import UNet
+from ldm.io.weights import CheckpointError, load_state_dict_checked, read_safetensors, read_weights, write_json, write_safetensors
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 _TEXT_KEY_PREFIX = compvis.TEXT_PREFIX + "transformer."

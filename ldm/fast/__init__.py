@@ -1,0 +1,1 @@
+"""Opt-in speed and memory paths, applied to the models from outside (models/ never imports this)."""

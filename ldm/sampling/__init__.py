@@ -1,0 +1,1 @@
+"""Noise schedules, the sampling plan, denoisers, guidance and samplers as pure functions."""
