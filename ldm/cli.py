@@ -10,7 +10,7 @@ EXIT_BAD_INPUT = 2
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
+def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="diffusers folder or single-file checkpoint (default: the embedded model)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt pickle files (loaded with weights_only)")
     p.add_argument("--tokenizer", type=Path, help="CLIP tokenizer folder for single-file checkpoints")
@@ -74,12 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="text -> image")
     _sampling_options(gen)
-    _model_options(gen)
+    model_options(gen)
     i2i = sub.add_parser("img2img", help="image + text -> image variation")
     i2i.add_argument("image", type=Path)
     _sampling_options(i2i)
     i2i.add_argument("--strength", type=float, default=0.8)
-    _model_options(i2i)
+    model_options(i2i)
     conv = sub.add_parser("convert", help="diffusers folder <-> single .safetensors file")
     conv.add_argument("src")
     conv.add_argument("dst", type=Path, help="a folder, or a file ending in .safetensors")
@@ -93,29 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--edit-pairs", type=int, default=0,
                         help="also write this many img2img pairs (an object, and the same object recoloured)")
-    ev = sub.add_parser("eval", help="score a model").add_subparsers(dest="benchmark", required=True)
-    ev_shapes = ev.add_parser("shapes", help="prompt fidelity on the shapes world, scored from pixels (JSON)")
-    ev_shapes.add_argument("--steps", type=int, default=25)
-    ev_shapes.add_argument("--sampler", default="dpmpp_2m")
-    ev_shapes.add_argument("--guidance", type=float, default=7.5)
-    ev_shapes.add_argument("--guidance-rescale", type=float, default=0.0,
-                           help="CFG rescale (Lin et al.; 0.7 is usual for zero-terminal-SNR models)")
-    ev_shapes.add_argument("--n", type=int, default=50, help="prompts per category")
-    ev_shapes.add_argument("--seed", type=int, default=0)
-    ev_shapes.add_argument("--save-images", type=Path, help="folder for every generated image, marked ok/fail")
-    ev_shapes.add_argument("--quiet", action="store_true")
-    ev_shapes.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None)
-    _model_options(ev_shapes)
     for name, handler in COMMANDS.items():
         sub.choices[name].set_defaults(handler=handler)
-    from ldm.train.commands import register
+    from ldm.shapes.eval_command import register as register_eval
+    from ldm.train.commands import register as register_train
 
-    for name, handler in register(sub).items():
-        sub.choices[name].set_defaults(handler=handler)
+    for register in (register_eval, register_train):
+        for name, handler in register(sub).items():
+            sub.choices[name].set_defaults(handler=handler)
     return parser
 
 
-def _load_pipeline(args: argparse.Namespace):
+def load_pipeline(args: argparse.Namespace):
     import torch
     import transformers
 
@@ -170,7 +159,7 @@ def _save_images(pipe, result, args: argparse.Namespace, extra: dict | None = No
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    pipe = _load_pipeline(args)
+    pipe = load_pipeline(args)
     result = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, sampler=args.sampler, karras=args.karras, eta=args.eta,
                   guidance_rescale=args.guidance_rescale, height=args.height, width=args.width, seed=args.seed,
@@ -182,7 +171,7 @@ def cmd_img2img(args: argparse.Namespace) -> None:
     from ldm.pipeline import load_image
 
     image = load_image(args.image)  # fail on a bad image before spending time loading the model
-    pipe = _load_pipeline(args)
+    pipe = load_pipeline(args)
     result = pipe.img2img(image, args.prompt, strength=args.strength, negative_prompt=args.negative,
                           num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                           karras=args.karras, eta=args.eta, guidance_rescale=args.guidance_rescale,
@@ -214,33 +203,7 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(write_shapes_dataset(args.out, args.n, seed=args.seed, edit_pairs=args.edit_pairs))
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    import json
-
-    from ldm.shapes.evaluate import run_shapes_eval
-
-    pipe = _load_pipeline(args)
-    pipe.progress = False  # one bar over the whole evaluation instead of one per image
-    size = pipe.parts.unet.config.sample_size * pipe.vae_scale_factor
-    options = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
-                   karras=args.karras, guidance_rescale=args.guidance_rescale, output_type="np")
-
-    def generate(prompt: str, seed: int):
-        return pipe(prompt, seed=seed, height=size, width=size, **options).images[0]
-
-    def img2img(image, prompt: str, strength: float, seed: int):
-        from PIL import Image
-        return pipe.img2img(Image.fromarray(image), prompt, strength=strength, seed=seed, **options).images[0]
-
-    scores = run_shapes_eval(generate, img2img, n=args.n, seed=args.seed, progress=not args.quiet,
-                             save_dir=args.save_images, resolution=size)
-    scores.update(model=pipe.parts.name, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-                  guidance_rescale=args.guidance_rescale)
-    print(json.dumps(scores, indent=2))
-
-
-COMMANDS = {"generate": cmd_generate, "img2img": cmd_img2img, "convert": cmd_convert, "data": cmd_data,
-            "eval": cmd_eval}
+COMMANDS = {"generate": cmd_generate, "img2img": cmd_img2img, "convert": cmd_convert, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:
