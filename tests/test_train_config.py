@@ -70,8 +70,68 @@ def test_bad_configs_fail_with_one_line_naming_the_key(tmp_path, text, overrides
     assert "\n" not in str(e.value)
 
 
+def test_base_chains_deep_merge_relative_to_each_file(tmp_path):
+    """`base:` is read relative to the file naming it; nested mappings merge, lists/scalars/null replace;
+    overrides and the caller's mapping still apply on top and underneath."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("""
+stage: unet
+vae: runs/vae
+unet: {block_out_channels: [32, 64], attention_levels: [false, true], num_heads: 2}
+train: {batch_size: 4, seed: 1}
+diffusion: {min_snr_gamma: 5.0, debiased_estimation: true}
+validation: {prompts: [a, b, c]}
+""")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../root.yaml\ntrain: {seed: 2}\nvalidation: {prompts: [d]}\n")
+    (tmp_path / "sub" / "leaf.yaml").write_text(
+        "base: mid.yaml\nunet: {attention_levels: [true, true]}\ndiffusion: {min_snr_gamma: null}\n")
+    cfg = load_config(tmp_path / "sub" / "leaf.yaml", ["train.max_steps=7"])
+    assert cfg.unet.block_out_channels == [32, 64] and cfg.unet.attention_levels == [True, True]
+    assert cfg.unet.num_heads == 2 and cfg.vae == "runs/vae"
+    assert (cfg.train.batch_size, cfg.train.seed, cfg.train.max_steps) == (4, 2, 7)
+    assert cfg.diffusion.min_snr_gamma is None and cfg.diffusion.debiased_estimation
+    assert cfg.validation.prompts == ["d"]
+    under = load_config(tmp_path / "sub" / "mid.yaml", base={"train": {"log_every": 3, "seed": 9}})
+    assert (under.train.log_every, under.train.seed) == (3, 2)  # the file wins over the caller's mapping
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "config bases form a cycle (a.yaml -> b.yaml -> a.yaml)"),
+    ({"a.yaml": "base: a.yaml\n"}, "cycle"),
+    ({"a.yaml": "base: nowhere.yaml\n"}, "base nowhere.yaml not found"),
+    ({"a.yaml": "base: [x]\n"}, "base must name a config file"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "stage: unet\nvae: v\ntrain: {bach_size: 2}\n"},
+     "unknown config key 'train.bach_size'"),
+])
+def test_bad_bases_fail_with_one_line(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_config(tmp_path / "a.yaml")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_shipped_stage_configs_state_only_their_changes():
+    """Each U-Net stage after stage 2 names its predecessor as `base` and repeats no value of it."""
+    from ldm.train.config_io import read_config, read_yaml
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+    paths = [*sorted((REPO / "configs").glob("default_unet_*.yaml")),
+             *sorted((REPO / "configs" / "experiments").glob("*.yaml"))]
+    assert len(paths) >= 10
+    for path in paths:
+        own = read_yaml(path)
+        assert "base" in own, path
+        inherited = dict(leaves(read_config(path.parent / own.pop("base"))))
+        repeated = [k for k, v in leaves(own) if k in inherited and inherited[k] == v]
+        assert not repeated, f"{path.name} repeats {repeated}"
+
+
 def test_shipped_configs_load():
-    configs = sorted((REPO / "configs").glob("*.yaml"))
+    configs = sorted([*(REPO / "configs").glob("*.yaml"), *(REPO / "configs" / "experiments").glob("*.yaml")])
     assert {p.name for p in configs} >= {"default_vae.yaml", "default_unet.yaml"}
     for path in configs:
         cfg = load_config(path)

@@ -1,7 +1,7 @@
 """Training configs: one typed dataclass per section, two top-level shapes (stage "vae" and "unet").
 
-A YAML file holds the same sections as the dataclasses below; `load_config` picks the stage by the
-`stage:` key through an explicit table, applies `--set` overrides and validates every value.
+A YAML file holds the same sections as the dataclasses below (or some of them, over a `base:` file);
+`load_config` picks the stage by the `stage:` key through an explicit table, applies `--set` overrides and validates every value.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, Union
 from ldm.models.autoencoder import AutoencoderConfig
 from ldm.sampling.schedule import NoiseSchedule
 from ldm.models.unet import UNetConfig
-from ldm.train.config_io import apply_overrides, from_dict, read_yaml
+from ldm.train.config_io import apply_overrides, deep_merge, from_dict, read_config
 
 
 def _choice(key: str, value: Any, choices: tuple) -> None:
@@ -231,8 +231,9 @@ def config_from_dict(data: dict[str, Any]) -> StageConfig:
 
 def load_config(path: Path | str | None, overrides: list[str] | tuple[str, ...] = (),
                 base: dict[str, Any] | None = None) -> StageConfig:
-    """YAML file (or `base` mapping) + `--set key=value` overrides -> a validated stage config."""
+    """YAML file (its `base:` chain resolved; deep-merged over the `base` mapping if given) + `--set
+    key=value` overrides -> a validated stage config."""
     data = dict(base or {})
     if path is not None:
-        data.update(read_yaml(path))
+        data = deep_merge(data, read_config(path))
     return config_from_dict(apply_overrides(data, list(overrides)))

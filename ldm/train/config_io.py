@@ -3,6 +3,9 @@
 No `target: package.Class` reflection: the dataclass types themselves say what each key may hold,
 so a config can be grepped and type-checked like code. `--set a.b=value` overrides parse `value`
 as YAML (so `--set unet.block_out_channels=[32,64]` works) and go through the same checks.
+
+A file may start from another with `base: other.yaml` (relative to the file that names it; chains
+allowed): its mapping is deep-merged over the base's, so a stage config shows only what it changes.
 """
 from __future__ import annotations
 
@@ -175,3 +178,37 @@ def read_yaml(path: Path | str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping of config sections")
     return data
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` over `base`: nested mappings merge key by key; lists, scalars and None replace."""
+    out = dict(base)
+    for key, value in extra.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = deep_merge(out[key], value) if both else value
+    return out
+
+
+def read_config(path: Path | str) -> dict[str, Any]:
+    """`read_yaml`, with `base:` chains resolved: the returned mapping holds no `base` key."""
+    path = Path(path)
+    seen: list[Path] = []
+    layers: list[dict[str, Any]] = []  # the file itself first, its furthest base last
+    while True:
+        if path.resolve() in seen:
+            cycle = " -> ".join(p.name for p in [*seen, path.resolve()])
+            raise ValueError(f"{path}: config bases form a cycle ({cycle})")
+        seen.append(path.resolve())
+        layers.append(read_yaml(path))
+        base = layers[-1].pop("base", None)
+        if base is None:
+            break
+        if not isinstance(base, str) or not base:
+            raise ValueError(f"{path}: base must name a config file, got {base!r}")
+        if not (path.parent / base).is_file():
+            raise ValueError(f"{path}: base {base} not found (no file {path.parent / base})")
+        path = path.parent / base
+    merged: dict[str, Any] = {}
+    for layer in reversed(layers):
+        merged = deep_merge(merged, layer)
+    return merged
