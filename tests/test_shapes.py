@@ -17,7 +17,8 @@ from ldm.shapes.dataset import (
     random_scene, read_scenes, render, write_shapes_dataset,
 )
 from ldm.shapes.evaluate import (
-    CATEGORIES, detect_objects, eval_cases, run_shapes_eval, score_case, score_single, to_uint8,
+    CATEGORIES, cases_from_json, cases_to_json, detect_objects, eval_cases, run_shapes_eval, score_case, score_single,
+    to_uint8,
 )
 
 N_EVAL = 24  # per category: covers every relation and every held-out pair/kind several times
@@ -133,6 +134,7 @@ def test_captions_canonical_first_and_converse_true():
 
 def test_eval_cases_fixed_and_well_formed(cases):
     assert eval_cases(N_EVAL, seed=0) == cases and eval_cases(N_EVAL, seed=1) != cases
+    assert cases_from_json(json.loads(json.dumps(cases_to_json(cases)))) == cases  # how the frozen set is stored
     assert all(len(cases[c]) == N_EVAL for c in CATEGORIES)
     for c in cases["single_object"]:
         (o,) = c.expected.objects
@@ -291,6 +293,10 @@ def test_run_shapes_eval_with_oracle_and_blank_models(tmp_path):
 
     blank = run_shapes_eval(lambda p, s: np.full((64, 64, 3), 0.5), None, n=n, seed=seed, progress=False)
     assert all(blank[c] == 0.0 for c in CATEGORIES[:3]) and blank["img2img"] is None
+    first_two = {c: cs[:2] for c, cs in eval_cases(n, seed).items()}
+    given = run_shapes_eval(oracle, None, seed=None, progress=False, cases=first_two)
+    assert given["n"] == 2 and given["seed"] is None and given["counts"]["two_object"] == {"correct": 2, "total": 2}
+    assert given["cases_sha256"] != result["cases_sha256"]
 
 
 def test_lookalikes_are_no_shape():
@@ -315,7 +321,7 @@ def test_lookalikes_are_no_shape():
 def _load_script(name: str):
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    path = Path(__file__).resolve().parents[1] / "scripts" / "research" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -338,7 +344,7 @@ def test_relation_binding_probe_x0_matches_diffusers(prediction_type, zero_snr, 
 
 
 def test_relation_binding_probe_mirrors_only_the_direction(tmp_path):
-    """scripts/relation_binding_probe.py: the false caption differs from the true one in the relation's
+    """scripts/research/relation_binding_probe.py: the false caption differs from the true one in the relation's
     direction only; with identical conditioning both captions must score the same (same x_t)."""
     from tiny import write_tiny_sd_folder
 
@@ -362,16 +368,15 @@ def test_relation_binding_probe_mirrors_only_the_direction(tmp_path):
     assert all(r["true_caption"] == r["mirrored_caption"] for r in same)
 
 
-def test_align_vae_colours_folds_an_exact_latent_map(tmp_path, monkeypatch):
-    """scripts/align_vae_colours.py: the map z' = A z - c folded into the VAE's 1x1 convolutions leaves
+def test_align_vae_colours_folds_an_exact_latent_map(tmp_path):
+    """ldm.shapes.align_vae: the map z' = A z - c folded into the VAE's 1x1 convolutions leaves
     reconstructions unchanged and gives exactly A z - c as the new latent; the U-Net carried over
     satisfies unet'(M x) = M unet(x); and the stretch raises the smallest pairwise cosine."""
     from tiny import write_tiny_sd_folder
 
     from ldm.pipeline import Pipeline
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
-    align = _load_script("align_vae_colours")
+    from ldm.shapes import align_vae as align
     parts = Pipeline.from_pretrained(write_tiny_sd_folder(tmp_path / "m")).parts
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
@@ -410,13 +415,14 @@ def test_align_vae_colours_folds_an_exact_latent_map(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def seed_script(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))  # it imports the probe's scenes
-    return _load_script("seed_relation_attention")
+def seed_script():
+    from ldm.shapes import seed_relation
+
+    return seed_relation
 
 
 def test_seed_relation_attention_labels_token_sides(seed_script):
-    """scripts/seed_relation_attention.py: each colour/shape word gets its own object's side on the axis
+    """ldm.shapes.seed_relation: each colour/shape word gets its own object's side on the axis
     the caption states, in either phrasing; shared words, other axes and lone objects get none."""
     from ldm.text import load_minilm
 
@@ -462,7 +468,7 @@ def test_seed_relation_attention_writes_exactly_the_side_term(seed_script):
     assert torch.allclose(logits, 3.0 * (h @ position) @ (e @ side).T, rtol=1e-4, atol=1e-4)
 
 
-def test_seed_relation_attention_fits_every_cross_attention_and_rejects_bad_data(tmp_path, monkeypatch, seed_script):
+def test_seed_relation_attention_fits_every_cross_attention_and_rejects_bad_data(tmp_path, seed_script):
     """Every cross-attention layer gets a position probe of the right shape; a missing dataset is one
     clear error and writes nothing."""
     from tiny import write_tiny_sd_folder
@@ -478,18 +484,15 @@ def test_seed_relation_attention_fits_every_cross_attention_and_rejects_bad_data
     for name, (weights, r2) in fitted.items():
         assert weights.shape == (pipe.parts.unet.get_submodule(name).to_q.in_features, 2) and r2 <= 1.0
 
-    monkeypatch.setattr("sys.argv", ["x", "--model", str(folder), "--data", str(tmp_path / "none"), "--out",
-                                     str(tmp_path / "o")])
-    with pytest.raises(SystemExit) as exit_info:
-        seed.main()
+    with pytest.raises(ValueError) as exit_info:
+        seed.seed_relation_attention(folder, tmp_path / "none", tmp_path / "o")
     assert "no such file" in str(exit_info.value) and not (tmp_path / "o").exists()
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metadata.jsonl").write_text('{"file_name": "a.png", "objects": [{}, {}]}\n')
-    monkeypatch.setattr("sys.argv", ["x", "--model", str(folder), "--data", str(tmp_path / "bad"), "--out",
-                                     str(tmp_path / "o")])
-    with pytest.raises(SystemExit) as exit_info:
-        seed.main()
+    with pytest.raises(ValueError) as exit_info:
+        seed.seed_relation_attention(folder, tmp_path / "bad", tmp_path / "o")
     assert "two-object records" in str(exit_info.value) and not (tmp_path / "o").exists()
+    assert len(str(exit_info.value).splitlines()) == 1
 
 
 def test_edit_pairs_recolour_the_object_in_place(tmp_path):

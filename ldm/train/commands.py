@@ -1,6 +1,6 @@
-"""`ldm train` and `ldm finetune`: argparse front ends over `runner.train`.
+"""`ldm train`, `ldm finetune` and `ldm recipe`: argparse front ends over `runner.train` and the recipes.
 
-`register(subparsers)` adds both subcommands to the `ldm` CLI; `python -m ldm.train.commands ...`
+`register(subparsers)` adds the subcommands to the `ldm` CLI; `python -m ldm.train.commands ...`
 runs them stand-alone (which is also what `accelerate launch` / `torchrun` should be pointed at).
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def finetune_config(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tuning defaults, then the --config YAML, then the flags the user actually gave."""
-    from ldm.train.config_io import read_yaml
+    from ldm.train.config_io import deep_merge, read_config
 
     for flag in ("rank", "batch_size", "resolution"):
         value = getattr(args, flag)
@@ -79,14 +79,7 @@ def finetune_config(args: argparse.Namespace) -> dict[str, Any]:
     for section, key, value in flags:
         if value is not None:
             given.setdefault(section, {})[key] = value
-    return _merge(_merge(defaults, read_yaml(args.config)) if args.config else defaults, given)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return deep_merge(deep_merge(defaults, read_config(args.config)) if args.config else defaults, given)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -96,11 +89,26 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     train(cfg, args.output_dir, resume=args.resume)
 
 
+def add_recipe_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("recipe", help="rebuild a model stage by stage (done stages are skipped, a stopped one resumes)")
+    p.add_argument("name", metavar="NAME", help="the recipe: default-model (the embedded default model)")
+    p.add_argument("--out", type=Path, required=True, help="folder for every stage's output; the model lands in OUT/model")
+    p.add_argument("--smoke", action="store_true", help="the whole chain at tiny sizes and step counts (seconds)")
+    return p
+
+
+def cmd_recipe(args: argparse.Namespace) -> None:
+    from ldm.shapes.recipe import run_recipe
+
+    run_recipe(args.name, args.out, smoke=args.smoke)
+
+
 def register(subparsers: Any) -> dict[str, Callable[[argparse.Namespace], None]]:
-    """Adds `train` and `finetune` to the `ldm` CLI's subparsers; returns their handlers by name."""
+    """Adds `train`, `finetune` and `recipe` to the `ldm` CLI's subparsers; returns their handlers by name."""
     add_train_parser(subparsers)
     add_finetune_parser(subparsers)
-    return {"train": cmd_train, "finetune": cmd_finetune}
+    add_recipe_parser(subparsers)
+    return {"train": cmd_train, "finetune": cmd_finetune, "recipe": cmd_recipe}
 
 
 def main(argv: list[str] | None = None) -> int:

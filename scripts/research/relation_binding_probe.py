@@ -13,19 +13,19 @@ model that binds direction scores the true caption above the mirrored one there.
 ignores direction scores both the same: then the side each object lands on in a sampled image is
 a coin flip.
 
-    .venv/bin/python scripts/relation_binding_probe.py [--model DIR] [--n 64]   # ~30 s on 2 CPU cores
+    .venv/bin/python scripts/research/relation_binding_probe.py [--model DIR] [--n 64]   # ~30 s on 2 CPU cores
 """
 from __future__ import annotations
 
 import argparse
 import json
-import random
 
 import numpy as np
 import torch
 
 from ldm.pipeline import Pipeline
-from ldm.shapes.dataset import BACKGROUND, COLOURS, FRAME, RELATIONS, Scene, place_pair, random_attributes, render
+from ldm.shapes.dataset import BACKGROUND, COLOURS, FRAME, Scene, render
+from ldm.shapes.seed_relation import scenes
 
 MIRROR = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
 TIMESTEPS = (999, 950, 900, 850, 800, 700, 500)
@@ -34,17 +34,6 @@ TIMESTEPS = (999, 950, 900, 850, 800, 700, 500)
 def mirrored(scene: Scene) -> str:
     """The scene's canonical caption with the relation's direction reversed (a false caption)."""
     return scene.caption().replace(f" {scene.relation} ", f" {MIRROR[scene.relation]} ")
-
-
-def scenes(n: int, seed: int) -> list[Scene]:
-    """`n` two-object training-style scenes, relations cycling through all four."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        a = random_attributes(rng)
-        b = random_attributes(rng, exclude_colour=a[0])
-        out.append(place_pair(rng, a, b, RELATIONS[i % len(RELATIONS)]))
-    return out
 
 
 def predicted_x0(out: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction_type: str) -> torch.Tensor:

@@ -9,21 +9,17 @@ Attention that puts the left object's tokens on the left needs their product, a 
 q.k. Eight experiments (card) show gradient descent does not find it from a start near zero within
 thousands of steps: it is a saddle, since neither factor pays until the other exists.
 
-So this script builds the term and leaves the rest to training. It fits both probes by ridge
+So `seed_relation_attention` builds the term and leaves the rest to training. It fits both probes by ridge
 regression (the query position on the U-Net's own activations at high-noise steps; the token side on
 training captions, labelled from the dataset's object records) and writes them into the two least
 used query/key rows of head 0 in every cross-attention layer where position is readable (R^2 of at
 least --min-r2). Per layer the term adds alpha * (x_q . p)(side_k . s) to that head's logits, with x_q
 and side_k in [-1, 1]. Nothing else changes: the U-Net keeps its diffusers architecture, and a
 warm-started `ldm train` run then learns to use (or drop) what the head now reads.
-
-    .venv/bin/python scripts/seed_relation_attention.py --model runs/unet_aligned --data data/shapes \\
-        --out runs/relation_init
-    # then: ldm train configs/default_unet_relation.yaml ... --set warm_start=runs/relation_init
+The default model's recipe runs it on stage 7 before stage 9 (`ldm recipe default-model`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -33,11 +29,21 @@ import torch
 
 from ldm.io.model_files import save_diffusers_folder
 from ldm.pipeline import Pipeline
-from ldm.shapes.dataset import FRAME, render
-from relation_binding_probe import scenes
+from ldm.shapes.dataset import FRAME, RELATIONS, Scene, place_pair, random_attributes, render
 
 PROBE_TIMESTEPS = (999, 950, 900, 850)  # where the layout is decided
-POSITION_SCENES_SEED = 11  # not relation_binding_probe's seeds, so its check stays on unseen scenes
+POSITION_SCENES_SEED = 11  # not the relation binding probe's seeds, so its check stays on unseen scenes
+
+
+def scenes(n: int, seed: int) -> list[Scene]:
+    """`n` two-object training-style scenes, relations cycling through all four."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a = random_attributes(rng)
+        b = random_attributes(rng, exclude_colour=a[0])
+        out.append(place_pair(rng, a, b, RELATIONS[i % len(RELATIONS)]))
+    return out
 
 
 def token_sides(tokenizer, caption: str, objects: list[dict], length: int) -> torch.Tensor:
@@ -138,46 +144,37 @@ def write_side_term(attn, position: torch.Tensor, side: torch.Tensor, alpha: flo
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="a trained model folder")
-    ap.add_argument("--data", type=Path, required=True, help="a shapes dataset (`ldm data shapes`) with object records")
-    ap.add_argument("--captions", type=int, default=6000, help="dataset rows for the token-side probe (default 6000)")
-    ap.add_argument("--scenes", type=int, default=256, help="scenes for the position probes (default 256)")
-    ap.add_argument("--alpha", type=float, default=30.0, help="logit scale of the written term (default 30)")
-    ap.add_argument("--min-r2", type=float, default=0.5, help="skip layers whose position R^2 is lower (default 0.5)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, required=True, help="where to write the model folder")
-    args = ap.parse_args()
-    metadata = args.data / "metadata.jsonl"
+def seed_relation_attention(model: Path | str, data: Path | str, out: Path | str, captions: int = 6000,
+                            n_scenes: int = 256, alpha: float = 30.0, min_r2: float = 0.5, seed: int = 0) -> list[str]:
+    """Write to `out` the model folder `model` with the side term seeded into head 0 of every
+    cross-attention layer whose position R^2 is at least `min_r2`. `data` is a shapes dataset with
+    object records; `captions` of its rows fit the token-side probe, `n_scenes` scenes the position
+    probes. Returns the report lines; bad input is a one-line ValueError and writes nothing."""
+    metadata = Path(data) / "metadata.jsonl"
     if not metadata.is_file():
-        raise SystemExit(f"error: {metadata}: no such file (make the dataset with `ldm data shapes`)")
-    torch.manual_seed(args.seed)  # before the model is built, whose init draws from it too
+        raise ValueError(f"{metadata}: no such file (make the dataset with `ldm data shapes`)")
+    torch.manual_seed(seed)  # before the model is built, whose init draws from it too
     try:
         rows = [json.loads(line) for line in metadata.read_text().splitlines() if line.strip()]
-        pipe = Pipeline.from_pretrained(args.model)
-    except (ValueError, json.JSONDecodeError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{metadata}: not JSON lines ({e})") from None
+    pipe = Pipeline.from_pretrained(model)
     object_keys = {"colour", "shape", "cx", "cy"}
     rows = [r for r in rows if isinstance(r, dict) and r.get("text")
             and all(isinstance(o, dict) and object_keys <= o.keys() for o in r.get("objects", ()))]
     if not any(len(r.get("objects", ())) == 2 for r in rows) or len(rows) < 7:
-        raise SystemExit(f"error: {metadata} has too few captioned rows with two-object records "
+        raise ValueError(f"{metadata} has too few captioned rows with two-object records "
                          f"(each object needs {', '.join(sorted(object_keys))}); make it with `ldm data shapes`")
-    random.Random(args.seed).shuffle(rows)
-    n = min(args.captions, len(rows) * 6 // 7)
-    side, accuracy = fit_token_sides(pipe, rows[:n], rows[n:n + n // 6], args.seed)
-    print(f"token side probe: sign right on {accuracy:.1%} of held-out object tokens")
-    for name, (position, r2) in fit_query_positions(pipe, args.scenes, POSITION_SCENES_SEED).items():
+    random.Random(seed).shuffle(rows)
+    n = min(captions, len(rows) * 6 // 7)
+    side, accuracy = fit_token_sides(pipe, rows[:n], rows[n:n + n // 6], seed)
+    report = [f"token side probe: sign right on {accuracy:.1%} of held-out object tokens"]
+    for name, (position, r2) in fit_query_positions(pipe, n_scenes, POSITION_SCENES_SEED).items():
         attn = pipe.parts.unet.get_submodule(name)
-        if r2 < args.min_r2:
-            print(f"{name}: position R^2 {r2:.2f}, left as it is")
+        if r2 < min_r2:
+            report.append(f"{name}: position R^2 {r2:.2f}, left as it is")
             continue
-        rows_used = write_side_term(attn, position, side, args.alpha)
-        print(f"{name}: position R^2 {r2:.2f}, side term written into head 0 rows {rows_used}")
-    save_diffusers_folder(pipe.parts, args.out)
-    print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+        rows_used = write_side_term(attn, position, side, alpha)
+        report.append(f"{name}: position R^2 {r2:.2f}, side term written into head 0 rows {rows_used}")
+    save_diffusers_folder(pipe.parts, out)
+    return report

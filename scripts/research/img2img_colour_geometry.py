@@ -8,40 +8,20 @@ new colour at that place. A faithful denoiser then explains the blob as noise an
 colour somewhere else.
 
 This prints the cosine between every two palette colours' latent offsets from the grey background.
-With `--eval-images DIR` (written by `ldm eval shapes --save-images DIR`), it also splits the
+(`ldm.shapes.align_vae` re-bases the VAE so that they share a direction.) With `--eval-images DIR` (written by `ldm eval shapes --save-images DIR`), it also splits the
 img2img cases by that cosine and counts the passes on each side.
 
-    .venv/bin/python scripts/img2img_colour_geometry.py [--model DIR] [--eval-images DIR]
+    .venv/bin/python scripts/research/img2img_colour_geometry.py [--model DIR] [--eval-images DIR]
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import torch
-
 from ldm.pipeline import Pipeline
-from ldm.shapes.dataset import BACKGROUND, COLOURS, FRAME
+from ldm.shapes.align_vae import colour_offsets, cosines
+from ldm.shapes.dataset import COLOURS
 from ldm.shapes.evaluate import eval_cases
-
-
-@torch.no_grad()
-def colour_offsets(pipe: Pipeline, resolution: int = FRAME) -> dict[str, torch.Tensor]:
-    """Each palette colour's scaled latent (a flat image, centre latent pixel) minus the background's."""
-    vae = pipe.parts.vae
-
-    def latent(rgb: tuple[int, int, int]) -> torch.Tensor:
-        x = torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, resolution, resolution)
-        z = vae.scale_latents(vae.encode((x / 127.5 - 1).to(pipe.device, pipe.dtype)).mean)
-        return z[0, :, z.shape[2] // 2, z.shape[3] // 2].float().cpu()
-
-    background = latent(BACKGROUND)
-    return {c: latent(rgb) - background for c, rgb in COLOURS.items()}
-
-
-def cosines(offsets: dict[str, torch.Tensor]) -> dict[tuple[str, str], float]:
-    return {(a, b): float(torch.nn.functional.cosine_similarity(offsets[a], offsets[b], dim=0))
-            for a in offsets for b in offsets}
 
 
 def main() -> None:

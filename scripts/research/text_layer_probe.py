@@ -10,7 +10,7 @@ that use the held-out pairs (purple triangle, orange circle, green square, white
 the situation the U-Net's cross-attention is in. This measurement chose the conditioning layer of
 configs/default_unet_layer3.yaml.
 
-    .venv/bin/python scripts/text_layer_probe.py            # ~2 min on 2 CPU cores
+    .venv/bin/python scripts/research/text_layer_probe.py          # ~2 min on 2 CPU cores
 """
 from __future__ import annotations
 
