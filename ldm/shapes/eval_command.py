@@ -17,7 +17,10 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     ev_shapes.add_argument("--guidance-rescale", type=float, default=0.0,
                            help="CFG rescale (Lin et al.; 0.7 is usual for zero-terminal-SNR models)")
     ev_shapes.add_argument("--n", type=int, default=50, help="prompts per category")
-    ev_shapes.add_argument("--seed", type=int, default=0)
+    ev_shapes.add_argument("--seed", type=int, default=0, help="which seeded prompt set to draw (--prompt-set seeded)")
+    ev_shapes.add_argument("--prompt-set", choices=["seeded", "frozen"], default="seeded",
+                           help="seeded: drawn from --seed; frozen: the committed set no stage was selected on")
+    ev_shapes.add_argument("--json-out", type=Path, metavar="FILE", help="also write the JSON result to FILE")
     ev_shapes.add_argument("--save-images", type=Path, help="folder for every generated image, marked ok/fail")
     ev_shapes.add_argument("--quiet", action="store_true")
     ev_shapes.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None)
@@ -28,8 +31,11 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
 def run_eval(args: argparse.Namespace) -> None:
     import json
 
-    from ldm.shapes.evaluate import run_shapes_eval
+    from ldm.shapes.evaluate import eval_cases, frozen_cases, run_shapes_eval
 
+    # the prompt set first: a bad --n fails before the (slow) load
+    frozen = args.prompt_set == "frozen"
+    cases = frozen_cases(args.n) if frozen else eval_cases(args.n, args.seed)
     pipe = load_pipeline(args)
     pipe.progress = False  # one bar over the whole evaluation instead of one per image
     size = pipe.parts.unet.config.sample_size * pipe.vae_scale_factor
@@ -43,8 +49,48 @@ def run_eval(args: argparse.Namespace) -> None:
         from PIL import Image
         return pipe.img2img(Image.fromarray(image), prompt, strength=strength, seed=seed, **options).images[0]
 
-    scores = run_shapes_eval(generate, img2img, n=args.n, seed=args.seed, progress=not args.quiet,
-                             save_dir=args.save_images, resolution=size)
-    scores.update(model=pipe.parts.name, steps=args.steps, sampler=args.sampler, guidance=args.guidance,
-                  guidance_rescale=args.guidance_rescale)
-    print(json.dumps(scores, indent=2))
+    scores = run_shapes_eval(generate, img2img, n=args.n, seed=None if frozen else args.seed, progress=not args.quiet,
+                             save_dir=args.save_images, resolution=size, cases=cases)
+    scores.update(prompt_set=args.prompt_set, **run_identity(args, pipe))
+    text = json.dumps(scores, indent=2)
+    print(text)
+    if args.json_out is not None:
+        write_atomically(args.json_out, text + "\n")
+
+
+# meant to leave the images as they are, but recorded: float rounding may differ
+_SPEED_PATHS = ("vae_tiling", "vae_slicing", "channels_last", "fuse_qkv", "winograd", "im2col", "compile")
+
+
+def run_identity(args: argparse.Namespace, pipe) -> dict:
+    """What besides the prompt set decides the numbers: the model and every setting that changes an image."""
+    from datetime import date
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ldm_version = version("ldm")
+    except PackageNotFoundError:
+        ldm_version = None
+    return dict(model=pipe.parts.name, model_hash=pipe.parts.hash, steps=args.steps, sampler=args.sampler,
+                guidance=args.guidance, guidance_rescale=args.guidance_rescale, karras=args.karras,
+                lora=[[str(path), scale] for path, scale in args.lora], clip_skip=args.clip_skip,
+                prediction_type=args.prediction_type, step_cache=args.step_cache, dtype=args.dtype,
+                device=args.device, speed_paths=[k for k in _SPEED_PATHS if getattr(args, k)],
+                ldm_version=ldm_version, date=date.today().isoformat())
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and os.replace, so a reader never sees half a file."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a result file is for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

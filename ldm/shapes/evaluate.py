@@ -7,10 +7,12 @@ a wrong colour fails the image — so a model scores high only by drawing the sc
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,10 @@ MIN_EXTENT = 9
 RELATION_MIN_PX = 6  # half the dataset's 12 px minimum: generated layouts are looser
 MAX_SHIFT = 8.0  # px an img2img result may move its object's centre
 CATEGORIES = ("single_object", "two_object", "held_out", "img2img")
+# The frozen prompt set: drawn once by eval_cases(50, FROZEN_SEED), a seed no stage was selected or
+# looked at on, and committed as data, so that a later change to eval_cases cannot change it.
+FROZEN_SEED = 740_317
+FROZEN_SET = Path(__file__).with_name("frozen_prompts.json")
 
 
 @dataclass(frozen=True)
@@ -297,6 +303,46 @@ def eval_cases(n: int = 50, seed: int = 0) -> dict[str, list[EvalCase]]:
     return cases
 
 
+def _scene_from_json(d: dict) -> Scene:
+    return Scene(tuple(ShapeObject(**o) for o in d["objects"]), d["relation"])
+
+
+def cases_to_json(cases: dict[str, list[EvalCase]]) -> dict[str, list[dict]]:
+    return {c: [asdict(case) for case in cs] for c, cs in cases.items()}
+
+
+def cases_from_json(data: dict[str, list[dict]]) -> dict[str, list[EvalCase]]:
+    def case(d: dict) -> EvalCase:
+        init = _scene_from_json(d["init"]) if d["init"] is not None else None
+        return EvalCase(**{**d, "expected": _scene_from_json(d["expected"]), "init": init})
+
+    return {c: [case(d) for d in data[c]] for c in CATEGORIES}
+
+
+def cases_digest(cases: dict[str, list[EvalCase]]) -> str:
+    """Short sha256 of a prompt set's canonical JSON: names the exact cases a result was scored on."""
+    text = json.dumps(cases_to_json(cases), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def frozen_cases(n: int = 50) -> dict[str, list[EvalCase]]:
+    """The committed frozen prompt set (its first `n` cases per category)."""
+    data = json.loads(FROZEN_SET.read_text())
+    if not 1 <= n <= data["n"]:
+        raise ValueError(f"the frozen prompt set holds {data['n']} cases per category; --n {n} is out of range")
+    return {c: cs[:n] for c, cs in cases_from_json(data["cases"]).items()}
+
+
+def write_frozen_set(path: Path = FROZEN_SET, n: int = 50) -> None:
+    """Draw the frozen set from FROZEN_SEED and write it. Run once; the committed file is the set."""
+    cases = cases_to_json(eval_cases(n, FROZEN_SEED))
+    # one case a line, so a diff of the file reads case by case
+    lists = (",\n".join(f"   {json.dumps(d)}" for d in cs) for cs in cases.values())
+    body = ",\n".join(f'  "{c}": [\n{text}\n  ]' for c, text in zip(cases, lists))
+    head = f'{{\n "drawn_by": "eval_cases({n}, seed={FROZEN_SEED})",\n "n": {n},\n "cases": {{\n'
+    Path(path).write_text(head + body + "\n }\n}\n")
+
+
 Generate = Callable[[str, int], np.ndarray]  # (prompt, seed) -> HxWx3 float image in [0, 1]
 Img2Img = Callable[[np.ndarray, str, float, int], np.ndarray]  # (init uint8, prompt, strength, seed) -> same
 
@@ -305,18 +351,21 @@ def run_shapes_eval(
     generate: Generate,
     img2img: Img2Img | None,
     n: int = 50,
-    seed: int = 0,
+    seed: int | None = 0,
     progress: bool = True,
     save_dir: Path | None = None,
     resolution: int = FRAME,
+    cases: dict[str, list[EvalCase]] | None = None,
 ) -> dict:
     """Generate every eval case and return accuracies per category (JSON-ready).
 
     `img2img=None` skips that category (its accuracy is then None); its init images are rendered at
     `resolution` px. With `save_dir`, each generated image is saved as
     `{category}_{index:03d}_{ok|fail}.png` for inspection. Images of any square size are scored.
+    `cases` replaces the seeded draw `eval_cases(n, seed)` (e.g. with `frozen_cases()`).
     """
-    cases = eval_cases(n, seed)
+    cases = dict(eval_cases(n, seed) if cases is None else cases)
+    digest = cases_digest(cases)
     if img2img is None:
         cases["img2img"] = []
     if save_dir is not None:
@@ -337,6 +386,7 @@ def run_shapes_eval(
             bar.update(1)
     bar.close()
     result: dict = {c: (k / total if total else None) for c, (k, total) in counts.items()}
-    result.update(n=n, seed=seed, counts={c: {"correct": k, "total": total} for c, (k, total) in counts.items()})
+    result.update(n=max(len(cs) for cs in cases.values()), seed=seed, cases_sha256=digest,
+                  counts={c: {"correct": k, "total": total} for c, (k, total) in counts.items()})
     logger.info("shapes eval: %s", {c: result[c] for c in CATEGORIES})
     return result
