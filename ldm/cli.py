@@ -15,9 +15,11 @@ def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt pickle files (loaded with weights_only)")
     p.add_argument("--tokenizer", type=Path, help="CLIP tokenizer folder for single-file checkpoints")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the model's")
-    p.add_argument("--clip-skip", type=int, help="use the output of the k-th-from-last CLIP layer (diffusers' meaning)")
-    p.add_argument("--lora", type=_lora_option, action="append", default=[], metavar="FILE[:SCALE]",
-                   help="merge a LoRA file into the U-Net (repeatable)")
+    p.add_argument("--clip-skip", type=int,
+                   help="use the output of the k-th-from-last CLIP layer (diffusers' count: 1 = penultimate; "
+                        "the PNG's 'Clip skip' is A1111's, one more)")
+    p.add_argument("--lora", type=_lora_option, action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="apply a LoRA file to the U-Net (repeatable; weight 1, or the PNG's with --from-png)")
     perf = p.add_argument_group("speed and memory (opt-in)")
     perf.add_argument("--vae-tiling", action="store_true", help="decode/encode large images in overlapping tiles")
     perf.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
@@ -31,32 +33,37 @@ def model_options(p: argparse.ArgumentParser) -> None:
     perf.add_argument("--im2col", action="store_true", help="deep 3x3 convolutions on small maps as one GEMM (fp32 CPU)")
     perf.add_argument("--compile", action="store_true", help="torch.compile the U-Net (slow first call)")
     perf.add_argument("--step-cache", type=int, metavar="N",
-                      help="DeepCache-style: full U-Net every N-th call (changes the output)")
+                      help="DeepCache-style: full U-Net every N-th call (changes the output; recorded in the PNG)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
 
 
-def _lora_option(value: str) -> tuple[Path, float]:
-    path, _, scale = value.partition(":")
-    try:
-        return Path(path), float(scale) if scale else 1.0
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected FILE[:scale], got '{value}'") from None
+def _lora_option(value: str) -> tuple[Path, float | None]:
+    path, sep, weight = value.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(weight)
+        except ValueError:  # a colon that is part of the path
+            pass
+    return Path(value), None
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt")
-    p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--sampler", default="dpmpp_2m")
+    # Defaults are None so that with --from-png only the options given override the PNG's settings;
+    # GenerationSettings holds the real defaults.
+    p.add_argument("prompt", nargs="?", help="the prompt (optional with --from-png)")
+    p.add_argument("--from-png", type=Path, metavar="PNG", help="start from the settings in this PNG's infotext")
+    p.add_argument("--negative", help="negative prompt")
+    p.add_argument("--steps", type=int, help="sampling steps (default 25)")
+    p.add_argument("--sampler", help="ddpm, ddim, euler, euler_ancestral, heun, dpmpp_2m (default)")
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None, help="Karras sigmas")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--eta", type=float, help="DDIM eta")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--guidance-rescale", type=float)
+    p.add_argument("--seed", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--num-images", type=int)
     p.add_argument("--out", type=Path, default=Path("out.png"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -78,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     i2i = sub.add_parser("img2img", help="image + text -> image variation")
     i2i.add_argument("image", type=Path)
     _sampling_options(i2i)
-    i2i.add_argument("--strength", type=float, default=0.8)
+    i2i.add_argument("--strength", type=float, help="how much of the schedule to run (default 0.8)")
     model_options(i2i)
+    info = sub.add_parser("png-info", help="print a PNG's generation settings as JSON")
+    info.add_argument("png", type=Path)
     conv = sub.add_parser("convert", help="diffusers folder <-> single .safetensors file")
     conv.add_argument("src")
     conv.add_argument("dst", type=Path, help="a folder, or a file ending in .safetensors")
@@ -105,35 +114,77 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_pipeline(args: argparse.Namespace):
+    """The model with the command's speed and memory options; settings come from `settings_from_args`."""
     import torch
     import transformers
 
-    from ldm.pipeline import Pipeline, check_settings
+    from ldm.pipeline import Pipeline
 
-    # settings that do not depend on the model fail before the (slow) load
-    check_settings(height=8, width=8, factor=1, steps=args.steps, guidance_scale=args.guidance,
-                   strength=getattr(args, "strength", None), sampler=args.sampler,
-                   num_images=getattr(args, "num_images", 1))
     transformers.logging.set_verbosity_error()  # its per-file "Loading weights" bars are noise here
     transformers.logging.disable_progress_bar()
-
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=getattr(torch, _DTYPES[args.dtype]),
                                     allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
-                                    prediction_type=args.prediction_type, clip_skip=args.clip_skip)
-    from ldm.io.lora import apply_lora
-
-    for path, scale in args.lora:
-        apply_lora(pipe.parts.unet, path, scale)
+                                    prediction_type=args.prediction_type)
     if args.vae_tiling:
         pipe.enable_vae_tiling()
     if args.vae_slicing:
         pipe.enable_vae_slicing()
-    if args.step_cache:
-        pipe.enable_step_cache(args.step_cache)
     pipe.optimize(channels_last=args.channels_last, fuse_qkv=args.fuse_qkv, compile=args.compile,
                   winograd=args.winograd, im2col=args.im2col)
     pipe.progress = not args.quiet
     return pipe
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def lora_refs(given: list[tuple[Path, float | None]], recorded: tuple) -> tuple:
+    """The LoRAs to apply: the PNG's (each needs its file among --lora, matched by name) and the rest given."""
+    from ldm.settings import LoraRef
+
+    files = {path.stem: (path, weight) for path, weight in given}
+    loras = []
+    for lora in recorded:
+        if lora.name not in files:
+            raise ValueError(f"the PNG used LoRA '{lora.name}' (hash {lora.hash}): pass its file with --lora")
+        path, weight = files.pop(lora.name)
+        ref = LoraRef.from_file(path, lora.weight if weight is None else weight)
+        if lora.hash and ref.hash != lora.hash:
+            _warn(f"LoRA {path}: its hash {ref.hash} is not the PNG's {lora.hash}; the image will differ")
+        loras.append(ref)
+    return tuple(loras) + tuple(LoraRef.from_file(path, 1.0 if w is None else w) for path, w in files.values())
+
+
+def settings_from_args(args: argparse.Namespace):
+    """GenerationSettings from the command line (over a PNG's, with --from-png), validated."""
+    from dataclasses import replace
+
+    from ldm.io.png_info import read_parameters
+    from ldm.settings import GenerationSettings
+
+    if args.from_png is not None:
+        text = read_parameters(args.from_png)
+        if text is None:
+            raise ValueError(f"{args.from_png}: no generation parameters in this PNG")
+        base = GenerationSettings.from_infotext(text)
+        if base.strength is not None and args.command == "generate":
+            raise ValueError(f"{args.from_png} was made by img2img (Denoising strength {base.strength:g}): "
+                             "use `ldm img2img IMAGE --from-png ...`")
+    elif args.prompt is None:
+        raise ValueError("give a prompt (or --from-png FILE)")
+    else:
+        base = GenerationSettings(prompt=args.prompt, strength=0.8 if args.command == "img2img" else None)
+    settings = base.override(
+        prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, sampler=args.sampler, karras=args.karras,
+        eta=args.eta, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, seed=args.seed,
+        height=args.height, width=args.width, num_images=args.num_images, strength=getattr(args, "strength", None),
+        clip_skip=args.clip_skip, step_cache=args.step_cache, loras=lora_refs(args.lora, base.loras))
+    if args.num_images is not None:  # a new batch size: every image of it is wanted
+        settings = replace(settings, batch_pos=None)
+    if args.command == "img2img" and settings.strength is None:  # a text-to-image PNG as the start
+        settings = replace(settings, strength=0.8)
+    return settings.validate()
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
@@ -142,43 +193,46 @@ def output_paths(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(n)]
 
 
-def _save_images(pipe, result, args: argparse.Namespace, extra: dict | None = None) -> None:
-    from ldm.io.png_info import infotext, save_png
+def _generate(args: argparse.Namespace, image=None) -> None:
+    from ldm.io.png_info import save_png
 
-    s = result.settings
-    paths = output_paths(args.out, len(result.images))
-    for i, (image, path) in enumerate(zip(result.images, paths)):
-        fields = dict(extra or {})
-        if len(paths) > 1:
-            fields.update({"Batch size": len(paths), "Batch pos": i})
-        text = infotext(s["prompt"][0], s["negative_prompt"][0], steps=s["steps"], sampler=s["sampler"],
-                        karras=s["karras"], guidance_scale=s["guidance_scale"], seed=s["seed"], width=s["width"],
-                        height=s["height"], model_hash=pipe.parts.hash, model_name=pipe.parts.name, extra=fields)
-        save_png(image, path, text)
+    settings = settings_from_args(args)  # bad settings fail before the (slow) model load
+    pipe = load_pipeline(args)
+    if settings.model_hash and settings.model_hash != pipe.parts.hash:
+        _warn(f"the PNG was made with model hash {settings.model_hash} ({settings.model_name}), "
+              f"but {pipe.parts.name} has {pipe.parts.hash}; the image will differ")
+    result = pipe.generate(settings, image=image)
+    if image is not None:
+        print(f"img2img: ran {result.steps_run} of {settings.steps} steps (strength {settings.strength:g})",
+              file=sys.stderr)
+    indices = range(len(result.images))
+    if settings.batch_pos is not None:  # a PNG from a batch: the batch is regenerated, its image kept
+        indices = [settings.batch_pos]
+    for index, path in zip(indices, output_paths(args.out, len(indices))):
+        save_png(result.images[index], path, result.image_settings(index).to_infotext())
         print(path)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    pipe = load_pipeline(args)
-    result = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, sampler=args.sampler, karras=args.karras, eta=args.eta,
-                  guidance_rescale=args.guidance_rescale, height=args.height, width=args.width, seed=args.seed,
-                  num_images_per_prompt=args.num_images)
-    _save_images(pipe, result, args)
+    _generate(args)
 
 
 def cmd_img2img(args: argparse.Namespace) -> None:
     from ldm.pipeline import load_image
 
-    image = load_image(args.image)  # fail on a bad image before spending time loading the model
-    pipe = load_pipeline(args)
-    result = pipe.img2img(image, args.prompt, strength=args.strength, negative_prompt=args.negative,
-                          num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
-                          karras=args.karras, eta=args.eta, guidance_rescale=args.guidance_rescale,
-                          height=args.height, width=args.width, seed=args.seed,
-                          num_images_per_prompt=args.num_images)
-    print(f"img2img: ran {result.steps_run} of {args.steps} steps (strength {args.strength:g})", file=sys.stderr)
-    _save_images(pipe, result, args, {"Denoising strength": f"{args.strength:g}"})
+    _generate(args, load_image(args.image))  # a bad image fails before the model loads
+
+
+def cmd_png_info(args: argparse.Namespace) -> None:
+    import json
+
+    from ldm.io.png_info import read_parameters
+    from ldm.settings import GenerationSettings
+
+    text = read_parameters(args.png)
+    if text is None:
+        raise ValueError(f"{args.png}: no generation parameters in this PNG")
+    print(json.dumps(GenerationSettings.from_infotext(text).to_dict(), indent=2))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -203,7 +257,8 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(write_shapes_dataset(args.out, args.n, seed=args.seed, edit_pairs=args.edit_pairs))
 
 
-COMMANDS = {"generate": cmd_generate, "img2img": cmd_img2img, "convert": cmd_convert, "data": cmd_data}
+COMMANDS = {"generate": cmd_generate, "img2img": cmd_img2img, "png-info": cmd_png_info, "convert": cmd_convert,
+            "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

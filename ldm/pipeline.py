@@ -1,14 +1,16 @@
 """Pipeline: text -> image and image -> image, reproducing diffusers' StableDiffusion(Img2Img)Pipeline.
 
-The order of random draws matches diffusers' with a CPU generator (initial noise; for img2img the
-VAE posterior sample first), so the same seed gives diffusers' image on any device.
+`generate(settings)` is the typed entry (ldm/settings.py); `__call__` and `img2img` take diffusers'
+keywords and build the settings from them. The order of random draws matches diffusers' with a CPU
+generator (initial noise; for img2img the VAE posterior sample first), so the same seed gives
+diffusers' image on any device.
 """
 from __future__ import annotations
 
 import functools
-import math
 import secrets
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,11 @@ from ldm.fast.attention import configure_attention
 from ldm.fast.conv_paths import configure_convolutions
 from ldm.sampling.denoiser import make_denoiser
 from ldm.sampling.guidance import classifier_free_guidance
+from ldm.io.lora import loras_merged
 from ldm.io.model_files import ModelParts, load_model
 from ldm.sampling.plan import SamplingPlan, add_noise, plan_sampling
-from ldm.sampling.samplers import SAMPLERS, sample
+from ldm.sampling.samplers import sample
+from ldm.settings import GenerationSettings
 from ldm.fast.step_cache import StepCache
 from ldm.fast.vae_tiling import VaeTiling, decode_latents, encode_images
 
@@ -36,24 +40,11 @@ class GenerationResult:
     images: list[Image.Image] | np.ndarray | torch.Tensor
     seed: int
     steps_run: int  # model-evaluation steps actually taken (img2img runs a strength-dependent part)
-    settings: dict = field(default_factory=dict)
+    settings: GenerationSettings  # as run: seed, size, schedule and model identity filled in
 
-
-def check_settings(*, height: int, width: int, factor: int, steps: int, guidance_scale: float,
-                   strength: float | None = None, sampler: str, num_images: int = 1) -> None:
-    """Every user-facing validation in one place, each failure a one-line ValueError."""
-    if height <= 0 or width <= 0 or height % factor or width % factor:
-        raise ValueError(f"height and width must be positive multiples of {factor} (the VAE factor), got {height}x{width}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance scale must be a finite number, got {guidance_scale}")
-    if strength is not None and not (0.0 < strength <= 1.0):
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{sampler}' (choose from {', '.join(sorted(SAMPLERS))})")
-    if num_images < 1:
-        raise ValueError(f"number of images must be >= 1, got {num_images}")
+    def image_settings(self, index: int) -> GenerationSettings:
+        """What made image `index`: its prompt, and its place in the batch."""
+        return self.settings.for_image(index)
 
 
 def load_image(image: Image.Image | str | Path) -> Image.Image:
@@ -159,12 +150,12 @@ class Pipeline:
             return self.parts.unet(x.to(self.dtype), t.to(self.device), context)
         return cache(self.parts.unet, x.to(self.dtype), t.to(self.device), context)
 
-    def _run_sampler(self, name: str, x: torch.Tensor, plan: SamplingPlan, cond, uncond, guidance_scale: float,
-                     guidance_rescale: float, eta: float, generator: torch.Generator) -> torch.Tensor:
+    def _run_sampler(self, x: torch.Tensor, plan: SamplingPlan, cond, uncond, s: GenerationSettings,
+                     generator: torch.Generator) -> torch.Tensor:
         unet = self._unet
-        if self.step_cache_interval is not None:  # a fresh cache per run: features of another run are stale
-            unet = functools.partial(self._unet, cache=StepCache(self.step_cache_interval))
-        model_fn = classifier_free_guidance(unet, cond, uncond, guidance_scale, guidance_rescale)
+        if s.step_cache is not None:  # a fresh cache per run: features of another run are stale
+            unet = functools.partial(self._unet, cache=StepCache(s.step_cache))
+        model_fn = classifier_free_guidance(unet, cond, uncond, s.guidance_scale, s.guidance_rescale)
         denoiser = make_denoiser(model_fn, self.parts.schedule, plan)
         bar = tqdm(total=plan.steps, desc="sampling", unit="step", disable=not self.progress, leave=False)
 
@@ -175,7 +166,7 @@ class Pipeline:
 
         try:
             with torch.inference_mode():
-                return sample(name, denoiser, x, plan, eta=eta, generator=generator, callback=on_step)
+                return sample(s.sampler, denoiser, x, plan, eta=s.eta, generator=generator, callback=on_step)
         finally:
             bar.close()
 
@@ -207,49 +198,106 @@ class Pipeline:
         raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got '{output_type}'")
 
     @staticmethod
-    def _prompts(prompt: str | list[str], negative_prompt: str | list[str] | None) -> tuple[list[str], list[str]]:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
-        else:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
-        return prompts, negatives
-
-    @staticmethod
     def _generator(seed: int | None, generator: torch.Generator | None) -> tuple[torch.Generator, int]:
         if generator is not None:
             return generator, generator.initial_seed()
         seed = secrets.randbits(32) if seed is None else int(seed)
         return torch.Generator("cpu").manual_seed(seed), seed
 
+    @contextmanager
+    def _clip_skip(self, clip_skip: int | None):
+        """The text encoder at `clip_skip` for one generation (None: as loaded); yields the value in effect."""
+        enc = self.parts.text_encoder
+        loaded = enc.clip_skip
+        if clip_skip is None or clip_skip == loaded:
+            yield loaded
+            return
+        enc.set_clip_skip(clip_skip)
+        try:
+            yield clip_skip
+        finally:
+            enc.set_clip_skip(loaded)
+
+    def _resolve(self, settings: GenerationSettings, image: Image.Image | None) -> GenerationSettings:
+        """Settings with the model's defaults filled in and checked against the model."""
+        f = self.vae_scale_factor
+        if image is None:
+            if settings.strength is not None:
+                raise ValueError("strength applies to img2img only: give an input image")
+            default = self.parts.unet.config.sample_size * f
+            width, height = settings.width or default, settings.height or default
+        else:
+            if settings.strength is None:
+                raise ValueError("img2img needs a strength in (0, 1]")
+            # like diffusers' VaeImageProcessor: round down to the VAE factor unless a size is given
+            width, height = settings.width or image.width // f * f, settings.height or image.height // f * f
+        for lora in settings.loras:
+            if lora.path is None:
+                raise ValueError(f"LoRA '{lora.name}': no file given for it")
+        step_cache = settings.step_cache if settings.step_cache is not None else self.step_cache_interval
+        return replace(settings, width=width, height=height, step_cache=step_cache,
+                       model_name=self.parts.name, model_hash=self.parts.hash).validate(f)
+
     # -- public API ----------------------------------------------------------------------------
+    def generate(self, settings: GenerationSettings, *, image: Image.Image | str | Path | None = None,
+                 latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 output_type: str = "pil") -> GenerationResult:
+        """Text -> image, or with `image` (and `settings.strength`) image -> image.
+
+        `latents` (txt2img) replaces the initial noise; `generator` replaces the seed. The result's
+        settings are the ones that ran, so `result.settings.to_infotext()` reproduces the image."""
+        settings.validate()
+        image = load_image(image) if image is not None else None
+        s = self._resolve(settings, image)
+        gen, seed = self._generator(s.seed, generator)
+        with ExitStack() as stack:
+            clip_skip = stack.enter_context(self._clip_skip(s.clip_skip))
+            if s.loras:
+                stack.enter_context(loras_merged(self.parts.unet, [(lora.path, lora.weight) for lora in s.loras]))
+            cond, uncond = self._text_states(s.prompts, s.negative_prompts, s.num_images, s.guidance_scale)
+            plan = plan_sampling(self.parts.schedule, s.sampler, s.steps, karras=s.karras, strength=s.strength)
+            batch = len(s.prompts) * s.num_images
+            if image is None:
+                x = self._initial_noise(s, batch, latents, gen) * plan.init_noise_sigma
+            else:
+                x = self._noised_image(image, s, batch, plan, gen)
+            out = self._run_sampler(x, plan, cond, uncond, s, gen)
+        s = replace(s, seed=seed, karras=plan.karras, clip_skip=clip_skip)
+        return GenerationResult(self._finish(out, output_type), seed, plan.steps, s)
+
+    def _initial_noise(self, s: GenerationSettings, batch: int, latents: torch.Tensor | None,
+                       gen: torch.Generator) -> torch.Tensor:
+        f = self.vae_scale_factor
+        shape = (batch, self.parts.unet.config.in_channels, s.height // f, s.width // f)
+        if latents is None:
+            latents = torch.randn(shape, generator=gen, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        return latents.to(self.device, torch.float32)
+
+    def _noised_image(self, image: Image.Image, s: GenerationSettings, batch: int, plan: SamplingPlan,
+                      gen: torch.Generator) -> torch.Tensor:
+        if image.size != (s.width, s.height):
+            image = image.resize((s.width, s.height), Image.LANCZOS)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] * 2 - 1
+        with torch.inference_mode():
+            posterior = encode_images(self.parts.vae, pixels.to(self.device, self.dtype), self.vae_tiling,
+                                      self.vae_slicing)
+            init = self.parts.vae.scale_latents(posterior.sample(gen).float())
+        init = init.repeat(batch, 1, 1, 1)
+        noise = torch.randn(init.shape, generator=gen, dtype=torch.float32).to(self.device)
+        return add_noise(init, noise, plan)
+
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  num_inference_steps: int = 25, guidance_scale: float = 7.5, sampler: str = "dpmpp_2m",
                  height: int | None = None, width: int | None = None, seed: int | None = None,
                  latents: torch.Tensor | None = None, num_images_per_prompt: int = 1, output_type: str = "pil",
                  karras: bool | None = None, eta: float = 0.0, guidance_rescale: float = 0.0,
                  generator: torch.Generator | None = None) -> GenerationResult:
-        default = self.parts.unet.config.sample_size * self.vae_scale_factor
-        height, width = height or default, width or default
-        check_settings(height=height, width=width, factor=self.vae_scale_factor, steps=num_inference_steps,
-                       guidance_scale=guidance_scale, sampler=sampler, num_images=num_images_per_prompt)
-        prompts, negatives = self._prompts(prompt, negative_prompt)
-        gen, seed = self._generator(seed, generator)
-        cond, uncond = self._text_states(prompts, negatives, num_images_per_prompt, guidance_scale)
-        plan = plan_sampling(self.parts.schedule, sampler, num_inference_steps, karras=karras)
-        shape = (len(prompts) * num_images_per_prompt, self.parts.unet.config.in_channels,
-                 height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = torch.randn(shape, generator=gen, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        x = latents.to(self.device, torch.float32) * plan.init_noise_sigma
-        out = self._run_sampler(sampler, x, plan, cond, uncond, guidance_scale, guidance_rescale, eta, gen)
-        settings = dict(prompt=prompts, negative_prompt=negatives, steps=num_inference_steps, sampler=sampler,
-                        karras=plan.karras, guidance_scale=guidance_scale, seed=seed, width=width, height=height)
-        return GenerationResult(self._finish(out, output_type), seed, plan.steps, settings)
+        """Text -> image with diffusers' keywords; see `generate` for the typed entry."""
+        settings = _from_keywords(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,
+                                  seed, num_images_per_prompt, karras, eta, guidance_rescale)
+        return self.generate(settings, latents=latents, generator=generator, output_type=output_type)
 
     def img2img(self, image: Image.Image | str | Path, prompt: str | list[str], strength: float = 0.8,
                 negative_prompt: str | list[str] | None = None, num_inference_steps: int = 25,
@@ -259,28 +307,17 @@ class Pipeline:
                 guidance_rescale: float = 0.0, generator: torch.Generator | None = None) -> GenerationResult:
         """Noise the encoded image to the level `strength` picks, then denoise toward `prompt`.
         Unlike diffusers, a tiny strength still runs at least one step."""
-        image = load_image(image)
-        f = self.vae_scale_factor
-        # like diffusers' VaeImageProcessor: round down to the VAE factor unless a size is given
-        width, height = width or image.width // f * f, height or image.height // f * f
-        check_settings(height=height, width=width, factor=f, steps=num_inference_steps, guidance_scale=guidance_scale,
-                       strength=strength, sampler=sampler, num_images=num_images_per_prompt)
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.LANCZOS)
-        prompts, negatives = self._prompts(prompt, negative_prompt)
-        gen, seed = self._generator(seed, generator)
-        cond, uncond = self._text_states(prompts, negatives, num_images_per_prompt, guidance_scale)
-        plan = plan_sampling(self.parts.schedule, sampler, num_inference_steps, karras=karras, strength=strength)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] * 2 - 1
-        with torch.inference_mode():
-            posterior = encode_images(self.parts.vae, pixels.to(self.device, self.dtype), self.vae_tiling,
-                                      self.vae_slicing)
-            init = self.parts.vae.scale_latents(posterior.sample(gen).float())
-        init = init.repeat(len(prompts) * num_images_per_prompt, 1, 1, 1)
-        noise = torch.randn(init.shape, generator=gen, dtype=torch.float32).to(self.device)
-        x = add_noise(init, noise, plan)
-        out = self._run_sampler(sampler, x, plan, cond, uncond, guidance_scale, guidance_rescale, eta, gen)
-        settings = dict(prompt=prompts, negative_prompt=negatives, steps=num_inference_steps, sampler=sampler,
-                        karras=plan.karras, guidance_scale=guidance_scale, seed=seed, width=width, height=height,
-                        strength=strength)
-        return GenerationResult(self._finish(out, output_type), seed, plan.steps, settings)
+        settings = _from_keywords(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,
+                                  seed, num_images_per_prompt, karras, eta, guidance_rescale, strength)
+        return self.generate(settings, image=image, generator=generator, output_type=output_type)
+
+
+def _from_keywords(prompt: str | list[str], negative_prompt: str | list[str] | None, steps: int, guidance_scale: float,
+                   sampler: str, height: int | None, width: int | None, seed: int | None, num_images: int,
+                   karras: bool | None, eta: float, guidance_rescale: float,
+                   strength: float | None = None) -> GenerationSettings:
+    """diffusers-style keywords -> settings (a None negative prompt is the empty one, as in diffusers)."""
+    return GenerationSettings(
+        prompt=prompt, negative_prompt="" if negative_prompt is None else negative_prompt, width=width, height=height,
+        steps=steps, sampler=sampler, karras=karras, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+        eta=eta, seed=seed, strength=strength, num_images=num_images)

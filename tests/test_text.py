@@ -388,13 +388,13 @@ def test_openclip_converted_model_encodes_and_exports_as_clip(tmp_path: Path) ->
 
 
 def test_text_layer_probe_captions_name_sides_and_pairs_right() -> None:
-    """scripts/text_layer_probe.py: its targets must be the objects its captions describe."""
+    """scripts/research/text_layer_probe.py: its targets must be the objects its captions describe."""
     import importlib.util
     import random
 
     from ldm.shapes.dataset import COLOURS, HELD_OUT, SHAPES
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "text_layer_probe.py"
+    path = Path(__file__).resolve().parents[1] / "scripts" / "research" / "text_layer_probe.py"
     spec = importlib.util.spec_from_file_location("text_layer_probe", path)
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)

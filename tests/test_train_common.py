@@ -158,11 +158,11 @@ def test_cli_bad_input_is_one_line_error(tmp_path, capsys):
 def test_register_adds_train_and_finetune():
     import argparse
 
-    from ldm.train.commands import cmd_finetune, cmd_train, register
+    from ldm.train.commands import cmd_finetune, cmd_recipe, cmd_train, register
 
     parser = argparse.ArgumentParser()
     handlers = register(parser.add_subparsers(dest="command"))
-    assert handlers == {"train": cmd_train, "finetune": cmd_finetune}
+    assert handlers == {"train": cmd_train, "finetune": cmd_finetune, "recipe": cmd_recipe}
     args = parser.parse_args(["finetune", "--model", "m", "--data", "d", "--output-dir", "o", "--lora", "--rank", "8",
                               "--max-steps", "5", "--learning-rate", "0.001", "--batch-size", "3", "--resolution",
                               "32", "--resume", "latest"])

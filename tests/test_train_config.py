@@ -58,6 +58,7 @@ train: {batch_size: 4}
     ("stage: unet\nvae: v\n", ["noequals"], "--set expects key=value"),
     ("stage: gan\n", [], "unknown stage 'gan'"),
     ("stage: unet\n", [], "needs 'vae'"),
+    ("stage: unet\nvae: v\ntext_encoder: {kind: openclip}\n", [], "text_encoder.kind must be one of clip, t5"),
     ("stage: vae\ndata: {resolution: 30}\nvae: {block_out_channels: [8, 16, 16]}\n", [],
      "multiple of the VAE factor 4"),
     ("- a\n- b\n", [], "top level must be a mapping"),

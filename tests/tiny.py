@@ -94,3 +94,21 @@ def write_tiny_sd_folder(out: Path, variant: str = "sd1", prediction_type: str =
     )
     pipe.save_pretrained(out)
     return out
+
+
+def write_tiny_lora(model_dir, path, rank: int = 2, seed: int = 0):
+    """A LoRA file for the U-Net of `model_dir`, with non-zero B so that it changes the image."""
+    import torch
+
+    from ldm.io.model_files import load_model
+    from ldm.train.config import LoraConfig
+    from ldm.train.lora import add_lora, save_lora
+
+    unet = load_model(model_dir).unet
+    cfg = LoraConfig(enabled=True, rank=rank)
+    add_lora(unet, cfg)
+    with torch.no_grad():  # peft starts B at zero (a no-op adapter); give it a real effect
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
+    return save_lora(unet, path, cfg)

@@ -112,7 +112,7 @@ def vae_config_from_diffusers(cfg: dict) -> AutoencoderConfig:
         scaling_factor=cfg.get("scaling_factor", 0.18215), shift_factor=cfg.get("shift_factor"),
         use_quant_conv=cfg.get("use_quant_conv", True), use_post_quant_conv=cfg.get("use_post_quant_conv", True),
         mid_block_add_attention=cfg.get("mid_block_add_attention", True),
-        sample_size=_single(cfg.get("sample_size", 512), "sample_size"), force_upcast=cfg.get("force_upcast", True),
+        sample_size=_single(cfg.get("sample_size", 512), "sample_size"),
     )
 
 
@@ -123,7 +123,7 @@ def vae_config_to_diffusers(cfg: AutoencoderConfig) -> dict:
         "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
         "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "latent_channels": cfg.latent_channels,
         "layers_per_block": cfg.layers_per_block, "norm_num_groups": cfg.norm_num_groups,
-        "sample_size": cfg.sample_size, "scaling_factor": cfg.scaling_factor, "force_upcast": cfg.force_upcast,
+        "sample_size": cfg.sample_size, "scaling_factor": cfg.scaling_factor,
         "use_quant_conv": cfg.use_quant_conv, "use_post_quant_conv": cfg.use_post_quant_conv,
         "mid_block_add_attention": cfg.mid_block_add_attention,
     }

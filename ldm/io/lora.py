@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -58,11 +60,13 @@ def read_lora(path: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
 
 
 @torch.no_grad()
-def apply_lora(unet: nn.Module, path: Path | str, scale: float = 1.0) -> int:
+def apply_lora(unet: nn.Module, path: Path | str, scale: float = 1.0,
+               originals: dict[str, torch.Tensor] | None = None) -> int:
     """Merges a LoRA file into `unet`'s weights in place; returns the number of layers changed.
 
     Every module named in the file must exist with matching shapes (checked before anything is
-    changed), so a LoRA for a different architecture fails with the module's name.
+    changed), so a LoRA for a different architecture fails with the module's name. `originals`, if
+    given, receives a copy of each layer's weight before its first change (see `loras_merged`).
     """
     pairs, alpha = read_lora(Path(path))
     modules = dict(unet.named_modules())
@@ -76,9 +80,27 @@ def apply_lora(unet: nn.Module, path: Path | str, scale: float = 1.0) -> int:
                                   f"the layer maps {layer.in_features} -> {layer.out_features}")
     for name, (a, b) in pairs.items():
         layer = modules[name]
+        if originals is not None and name not in originals:
+            originals[name] = layer.weight.detach().clone()
         rank = a.shape[0]
         factor = scale * (alpha if alpha is not None else rank) / rank
         delta = b.float() @ a.float()
         layer.weight.add_((factor * delta).to(layer.weight.device, layer.weight.dtype))
     logger.info("merged LoRA %s (%d layers, scale %g)", path, len(pairs), scale)
     return len(pairs)
+
+
+@contextmanager
+def loras_merged(unet: nn.Module, loras: Sequence[tuple[Path | str, float]]) -> Iterator[None]:
+    """Merge LoRA files into `unet` for the duration of the block, then put every touched weight
+    back bit for bit, so one loaded model serves requests with different LoRAs."""
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        for path, scale in loras:
+            apply_lora(unet, path, scale, originals)
+        yield
+    finally:
+        modules = dict(unet.named_modules())
+        with torch.no_grad():
+            for name, weight in originals.items():
+                modules[name].weight.copy_(weight)

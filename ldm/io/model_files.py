@@ -2,7 +2,6 @@
 single-file checkpoint, and exporting it to either format."""
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, replace
@@ -17,7 +16,7 @@ from ldm.io.diffusers_config import (unet_config_from_diffusers, unet_config_to_
 from ldm.sampling.schedule import NoiseSchedule
 from ldm.text import TextEncoder, load_text_encoder_from_folder
 from ldm.models.unet import UNet
-from ldm.io.weights import CheckpointError, load_state_dict_checked, read_safetensors, read_weights, write_json, write_safetensors
+from ldm.io.weights import CheckpointError, file_sha256, load_state_dict_checked, read_safetensors, read_weights, write_json, write_safetensors
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 _TEXT_KEY_PREFIX = compvis.TEXT_PREFIX + "transformer."
@@ -41,11 +40,8 @@ class ModelParts:
 
 
 def short_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:10]
+    """A1111's "Model hash": the first 10 hex digits of the file's sha256."""
+    return file_sha256(path)[:10]
 
 
 def _read_json(path: Path) -> dict:

@@ -1,29 +1,56 @@
-"""Generation parameters in PNG text chunks, in the "parameters" format A1111 writes and reads,
-so existing tools (A1111's PNG Info, ComfyUI, civitai) show how an image was made."""
+"""Generation parameters in PNG text chunks, in the "parameters" format A1111 writes and reads, so
+existing tools (A1111's PNG Info, ComfyUI, civitai) show how an image was made.
+
+The format: the prompt, then an optional `Negative prompt: ...` line, then one line of
+`Key: value` fields separated by ", ". A value holding a comma, colon or newline is JSON-quoted, as
+A1111's `quote()` does. This module knows the format only; ldm/settings.py knows the fields.
+"""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-# our sampler names -> the names A1111 shows
-A1111_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_ancestral": "Euler a",
-                       "heun": "Heun", "dpmpp_2m": "DPM++ 2M"}
+NEGATIVE = "Negative prompt: "
+# A1111's own field pattern (modules/infotext_utils.py): a key, then a quoted or comma-free value
+_FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
-def infotext(prompt: str, negative_prompt: str, *, steps: int, sampler: str, karras: bool, guidance_scale: float,
-             seed: int, width: int, height: int, model_hash: str, model_name: str, extra: dict | None = None) -> str:
-    fields = {"Steps": steps, "Sampler": A1111_SAMPLER_NAMES.get(sampler, sampler)}
-    if karras:
-        fields["Schedule type"] = "Karras"
-    fields.update({"CFG scale": f"{guidance_scale:g}", "Seed": seed, "Size": f"{width}x{height}",
-                   "Model hash": model_hash, "Model": model_name})
-    fields.update(extra or {})
+def _quote(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n\"") else value
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    return value
+
+
+def format_infotext(prompt: str, negative_prompt: str, fields: dict[str, str]) -> str:
     lines = [prompt]
     if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+        lines.append(NEGATIVE + negative_prompt)
+    lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in fields.items()))
     return "\n".join(lines)
+
+
+def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, fields) of a `parameters` text, A1111's or ours."""
+    *lines, last = text.split("\n")
+    if len(_FIELD.findall(last)) < 3:  # A1111's test for "this last line is not the fields line"
+        lines, last = lines + [last], ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith(NEGATIVE):
+            in_negative, line = True, line[len(NEGATIVE):]
+        (negative if in_negative else prompt).append(line)
+    fields = {key.strip(): _unquote(value.strip()) for key, value in _FIELD.findall(last)}
+    return "\n".join(prompt), "\n".join(negative), fields
 
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> None:
@@ -35,5 +62,11 @@ def save_png(image: Image.Image, path: Path, parameters: str) -> None:
 
 
 def read_parameters(path: Path) -> str | None:
-    with Image.open(path) as im:
-        return im.text.get("parameters") if hasattr(im, "text") else None
+    """The `parameters` text of a PNG, or None; a missing or unreadable file is a one-line ValueError."""
+    try:
+        with Image.open(path) as im:
+            return im.text.get("parameters") if hasattr(im, "text") else None
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such image file") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None

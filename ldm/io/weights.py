@@ -1,6 +1,7 @@
 """Reading and writing weight files safely, and loading state dicts with every key and shape checked."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -96,3 +97,12 @@ def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], w
         more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{what}: missing key '{missing[0]}'{more}")
     module.load_state_dict(state, strict=True)
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB pieces (A1111's model and LoRA hashes are prefixes of it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

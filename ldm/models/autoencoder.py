@@ -26,7 +26,6 @@ class AutoencoderConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
     sample_size: int = 512
-    force_upcast: bool = True  # the decoder overflows in fp16 for SD weights; decode in fp32 when asked
 
     @property
     def downscale(self) -> int:

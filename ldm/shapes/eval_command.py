@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from ldm.cli import load_pipeline, model_options
@@ -36,22 +37,23 @@ def run_eval(args: argparse.Namespace) -> None:
     # the prompt set first: a bad --n fails before the (slow) load
     frozen = args.prompt_set == "frozen"
     cases = frozen_cases(args.n) if frozen else eval_cases(args.n, args.seed)
+    base = eval_settings(args)  # bad settings fail before the load too
     pipe = load_pipeline(args)
     pipe.progress = False  # one bar over the whole evaluation instead of one per image
     size = pipe.parts.unet.config.sample_size * pipe.vae_scale_factor
-    options = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
-                   karras=args.karras, guidance_rescale=args.guidance_rescale, output_type="np")
+    base = replace(base, width=size, height=size)
 
     def generate(prompt: str, seed: int):
-        return pipe(prompt, seed=seed, height=size, width=size, **options).images[0]
+        return pipe.generate(replace(base, prompt=prompt, seed=seed), output_type="np").images[0]
 
     def img2img(image, prompt: str, strength: float, seed: int):
         from PIL import Image
-        return pipe.img2img(Image.fromarray(image), prompt, strength=strength, seed=seed, **options).images[0]
+        settings = replace(base, prompt=prompt, seed=seed, strength=strength, width=None, height=None)
+        return pipe.generate(settings, image=Image.fromarray(image), output_type="np").images[0]
 
     scores = run_shapes_eval(generate, img2img, n=args.n, seed=None if frozen else args.seed, progress=not args.quiet,
                              save_dir=args.save_images, resolution=size, cases=cases)
-    scores.update(prompt_set=args.prompt_set, **run_identity(args, pipe))
+    scores.update(prompt_set=args.prompt_set, **run_identity(args, pipe, base))
     text = json.dumps(scores, indent=2)
     print(text)
     if args.json_out is not None:
@@ -62,7 +64,18 @@ def run_eval(args: argparse.Namespace) -> None:
 _SPEED_PATHS = ("vae_tiling", "vae_slicing", "channels_last", "fuse_qkv", "winograd", "im2col", "compile")
 
 
-def run_identity(args: argparse.Namespace, pipe) -> dict:
+def eval_settings(args: argparse.Namespace):
+    """The settings every case shares; each case sets its prompt, seed (and strength)."""
+    from ldm.cli import lora_refs
+    from ldm.settings import GenerationSettings
+
+    return GenerationSettings(
+        prompt="", steps=args.steps, sampler=args.sampler, karras=args.karras, guidance_scale=args.guidance,
+        guidance_rescale=args.guidance_rescale, clip_skip=args.clip_skip, step_cache=args.step_cache,
+        loras=lora_refs(args.lora, ())).validate()
+
+
+def run_identity(args: argparse.Namespace, pipe, settings) -> dict:
     """What besides the prompt set decides the numbers: the model and every setting that changes an image."""
     from datetime import date
     from importlib.metadata import PackageNotFoundError, version
@@ -73,7 +86,7 @@ def run_identity(args: argparse.Namespace, pipe) -> dict:
         ldm_version = None
     return dict(model=pipe.parts.name, model_hash=pipe.parts.hash, steps=args.steps, sampler=args.sampler,
                 guidance=args.guidance, guidance_rescale=args.guidance_rescale, karras=args.karras,
-                lora=[[str(path), scale] for path, scale in args.lora], clip_skip=args.clip_skip,
+                lora=[[str(lora.path), lora.weight, lora.hash] for lora in settings.loras], clip_skip=args.clip_skip,
                 prediction_type=args.prediction_type, step_cache=args.step_cache, dtype=args.dtype,
                 device=args.device, speed_paths=[k for k in _SPEED_PATHS if getattr(args, k)],
                 ldm_version=ldm_version, date=date.today().isoformat())

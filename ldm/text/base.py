@@ -29,12 +29,17 @@ class TextEncoder(ABC):
     """A frozen transformers text model and its tokenizer, behind `encode(prompts)`."""
 
     kind: ClassVar[str]
+    clip_skip: int | None = None  # only CLIP encoders can skip layers (ClipTextEncoder.set_clip_skip)
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         model.eval()
         model.requires_grad_(False)
         self.model = model
         self.tokenizer = tokenizer
+
+    def set_clip_skip(self, clip_skip: int | None) -> None:
+        if clip_skip is not None:
+            raise ValueError(f"clip skip applies to CLIP text encoders only, not to this model's {self.kind}")
 
     @property
     def hidden_size(self) -> int:

@@ -23,14 +23,18 @@ class ClipTextEncoder(TextEncoder):
     def __init__(self, model: CLIPTextModel | CLIPTextModelWithProjection, tokenizer: CLIPTokenizer,
                  clip_skip: int | None = None) -> None:
         super().__init__(model, tokenizer)
-        num_layers = model.config.num_hidden_layers
+        self.set_clip_skip(clip_skip)
+        self.window = set_max_length(tokenizer, None, model.config.max_position_embeddings)
+        if self.window < 3:
+            raise ValueError(f"a CLIP window of {self.window} tokens leaves no room for the prompt")
+
+    def set_clip_skip(self, clip_skip: int | None) -> None:
+        """Use the output of the clip_skip-th layer from the end (diffusers' count; None or 0: the last)."""
+        num_layers = self.model.config.num_hidden_layers
         if clip_skip is not None and not 0 <= clip_skip < num_layers:
             raise ValueError(
                 f"clip_skip must be in [0, {num_layers - 1}] for this {num_layers}-layer CLIP, got {clip_skip}")
         self.clip_skip = clip_skip
-        self.window = set_max_length(tokenizer, None, model.config.max_position_embeddings)
-        if self.window < 3:
-            raise ValueError(f"a CLIP window of {self.window} tokens leaves no room for the prompt")
 
     @property
     def chunk_tokens(self) -> int:

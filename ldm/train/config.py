@@ -11,6 +11,7 @@ from typing import Any, Union
 
 from ldm.models.autoencoder import AutoencoderConfig
 from ldm.sampling.schedule import NoiseSchedule
+from ldm.settings import GenerationSettings
 from ldm.models.unet import UNetConfig
 from ldm.train.config_io import apply_overrides, deep_merge, from_dict, read_config
 
@@ -103,12 +104,21 @@ class EMAConfig:
             raise ValueError(f"ema.decay must be in (0, 1), got {self.decay}")
 
 
+TRAINABLE_TEXT_ENCODERS = ("clip", "t5", "bert", "minilm")
+
+
 @dataclass
 class TextEncoderConfig:
     kind: str = "minilm"  # clip | t5 | bert | minilm (see ldm.text.load_text_encoder)
     path: str | None = None  # a diffusers folder with text_encoder/ + tokenizer/, or a model folder
     max_length: int | None = None  # minilm/bert/t5 token limit
     num_layers: int | None = None  # minilm/bert: condition on this layer's states (keep the first N layers)
+
+    def __post_init__(self) -> None:
+        # OpenCLIP checkpoints load for generation (with a model name) but not from a training config;
+        # `ldm convert` turns such a model into a diffusers folder, whose encoder trains as kind clip.
+        if self.kind not in TRAINABLE_TEXT_ENCODERS:
+            raise ValueError(f"text_encoder.kind must be one of {', '.join(TRAINABLE_TEXT_ENCODERS)}, got {self.kind!r}")
 
 
 @dataclass
@@ -147,6 +157,11 @@ class ValidationConfig:
     guidance_scale: float = 4.0
     sampler: str = "dpmpp_2m"
     seed: int = 0
+
+    def settings(self, resolution: int) -> GenerationSettings:
+        """The generation the sample grids show, checked like any other."""
+        return GenerationSettings(prompt=list(self.prompts), steps=self.steps, guidance_scale=self.guidance_scale,
+                                  sampler=self.sampler, seed=self.seed, width=resolution, height=resolution).validate()
 
 
 @dataclass

@@ -43,6 +43,7 @@ def check_schedule(schedule: NoiseSchedule, cfg: UNetStageConfig) -> None:
                          f"{schedule.num_train_timesteps} timesteps, got {cfg.diffusion.edit_min_timestep}")
     if cfg.validation.prompts:
         try:
+            cfg.validation.settings(cfg.data.resolution)
             plan_sampling(schedule, cfg.validation.sampler, cfg.validation.steps)
         except ValueError as e:
             raise ValueError(f"validation: {e}") from None
@@ -164,8 +165,7 @@ class UNetStage:
         parts = ModelParts(unet or self._eval_unet(), self.vae, self.text, self.schedule, self.parts.name, "")
         pipe = Pipeline(parts, device=self.accelerator.device)
         pipe.progress = False
-        result = pipe(list(v.prompts), num_inference_steps=v.steps, guidance_scale=v.guidance_scale,
-                      sampler=v.sampler, seed=v.seed, height=self.cfg.data.resolution, width=self.cfg.data.resolution)
+        result = pipe.generate(v.settings(self.cfg.data.resolution))
         path = save_grid(result.images, self.output_dir / "samples" / f"step-{step:08d}.png", list(v.prompts))
         logger.info("validation grid: %s", path)
 

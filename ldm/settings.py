@@ -1,0 +1,235 @@
+"""The typed settings of one generation: validated once, written to and read from a PNG's infotext.
+
+The pipeline, the CLI, `ldm eval` and training's validation samples all build a
+`GenerationSettings`. `validate()` is the one place user-facing settings are checked, each failure
+a one-line ValueError. `to_infotext()` / `from_infotext()` use A1111's field names wherever A1111
+has one, so its PNG Info still parses our PNGs and ours parses its.
+
+Two numbers are counted differently here and in A1111, and converted at the infotext boundary:
+- clip_skip follows diffusers (1 = the penultimate layer); A1111's `Clip skip` is one more (2).
+- sampler names are ours (`dpmpp_2m`); A1111 shows `DPM++ 2M`, with `Schedule type: Karras`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from ldm.io.png_info import format_infotext, parse_infotext
+from ldm.io.weights import file_sha256
+from ldm.sampling.plan import SAMPLER_NAMES
+
+A1111_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_ancestral": "Euler a",
+                       "heun": "Heun", "dpmpp_2m": "DPM++ 2M"}
+_SAMPLERS_BY_A1111_NAME = {v: k for k, v in A1111_SAMPLER_NAMES.items()}
+_LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]+)>")
+
+
+def lora_hash(path: Path) -> str:
+    """A1111's LoRA hash (`Lora hashes`): the first 12 hex digits of the file's sha256."""
+    return file_sha256(path)[:12]
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """A LoRA applied at `weight`. `name` is the file's stem, as A1111's `<lora:name:w>` names it."""
+    name: str
+    weight: float = 1.0
+    path: Path | None = None
+    hash: str | None = None
+
+    @classmethod
+    def from_file(cls, path: Path | str, weight: float = 1.0) -> LoraRef:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such LoRA file")
+        return cls(path.stem, float(weight), path, lora_hash(path))
+
+
+def _number(x: float) -> str:
+    """The shortest text that reads back as the same float ("7.5", "5", "0.123456789")."""
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class GenerationSettings:
+    prompt: str | list[str]
+    negative_prompt: str | list[str] = ""
+    width: int | None = None  # None: the model's own size (img2img: the input image's, rounded down)
+    height: int | None = None
+    steps: int = 25
+    sampler: str = "dpmpp_2m"
+    karras: bool | None = None  # None: what the model's scheduler config says
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    eta: float = 0.0  # ddim only
+    seed: int | None = None  # None: a fresh random seed, recorded in the result
+    strength: float | None = None  # img2img only: how much of the schedule to run
+    num_images: int = 1  # per prompt
+    loras: tuple[LoraRef, ...] = ()
+    clip_skip: int | None = None  # diffusers' count: 1 = penultimate layer; None: as loaded
+    step_cache: int | None = None  # DeepCache interval (changes the output); None: the pipeline's
+    model_name: str | None = None
+    model_hash: str | None = None
+    batch_pos: int | None = None  # which image of a batch a PNG holds; generation ignores it
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def negative_prompts(self) -> list[str]:
+        n = len(self.prompts)
+        neg = self.negative_prompt
+        return [neg] * n if isinstance(neg, str) else list(neg)
+
+    def validate(self, vae_factor: int | None = None) -> GenerationSettings:
+        """Check every setting; with the model's VAE factor also the size. Returns self."""
+        prompts = self.prompts
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        negatives = self.negative_prompts
+        if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
+            raise ValueError(f"got {len(prompts)} prompts but {len(negatives)} negative prompts")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value <= 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if value is not None and vae_factor and value % vae_factor:
+                raise ValueError(f"height and width must be positive multiples of {vae_factor} (the VAE factor), "
+                                 f"got {self.height}x{self.width}")
+        if not _is_int(self.steps) or self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps!r}")
+        if self.sampler not in SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler '{self.sampler}' (choose from {', '.join(sorted(SAMPLER_NAMES))})")
+        if not math.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance scale must be a finite number, got {self.guidance_scale}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"guidance rescale must be in [0, 1], got {self.guidance_rescale}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
+        if self.eta != 0.0 and self.sampler != "ddim":
+            raise ValueError(f"eta only applies to the ddim sampler, not {self.sampler}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.strength is not None and not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        if not _is_int(self.num_images) or self.num_images < 1:
+            raise ValueError(f"number of images must be >= 1, got {self.num_images!r}")
+        if self.clip_skip is not None and (not _is_int(self.clip_skip) or self.clip_skip < 0):
+            raise ValueError(f"clip skip must be an integer >= 0 (1 = penultimate layer), got {self.clip_skip!r}")
+        if self.step_cache is not None and (not _is_int(self.step_cache) or self.step_cache < 1):
+            raise ValueError(f"step cache interval must be an integer >= 1, got {self.step_cache!r}")
+        for lora in self.loras:
+            if not math.isfinite(lora.weight):
+                raise ValueError(f"LoRA {lora.name}: weight must be a finite number, got {lora.weight}")
+        return self
+
+    # -- A1111 infotext ------------------------------------------------------------------------
+    def to_infotext(self) -> str:
+        """The `parameters` text of one image (the first prompt of a list)."""
+        fields: dict[str, str] = {"Steps": str(self.steps),
+                                  "Sampler": A1111_SAMPLER_NAMES[self.sampler]}
+        if self.karras:
+            fields["Schedule type"] = "Karras"
+        fields["CFG scale"] = _number(self.guidance_scale)
+        if self.seed is not None:
+            fields["Seed"] = str(self.seed)
+        if self.width is not None and self.height is not None:
+            fields["Size"] = f"{self.width}x{self.height}"
+        if self.model_hash:
+            fields["Model hash"] = self.model_hash
+        if self.model_name:
+            fields["Model"] = self.model_name
+        if self.strength is not None:
+            fields["Denoising strength"] = _number(self.strength)
+        if self.clip_skip:
+            fields["Clip skip"] = str(self.clip_skip + 1)
+        if self.eta:
+            fields["Eta DDIM"] = _number(self.eta)
+        if self.guidance_rescale:
+            fields["CFG Rescale phi"] = _number(self.guidance_rescale)
+        if self.step_cache is not None:
+            fields["Step cache"] = str(self.step_cache)
+        if self.num_images > 1:
+            fields["Batch size"] = str(self.num_images)
+            fields["Batch pos"] = str(self.batch_pos or 0)
+        prompt = self.prompts[0]
+        if self.loras:
+            # as A1111 writes them: tags in the prompt (removed before encoding), hashes in a field
+            prompt += "".join(f" <lora:{lora.name}:{_number(lora.weight)}>" for lora in self.loras)
+            fields["Lora hashes"] = ", ".join(f"{lora.name}: {lora.hash or ''}" for lora in self.loras)
+        return format_infotext(prompt, self.negative_prompts[0], fields)
+
+    @classmethod
+    def from_infotext(cls, text: str) -> GenerationSettings:
+        """Settings from a `parameters` text; a field that does not parse is a one-line ValueError."""
+        prompt, negative, fields = parse_infotext(text)
+        if "Steps" not in fields:
+            raise ValueError("the PNG's parameters have no Steps field: not generation parameters")
+
+        def get(key: str, convert, default=None):
+            if key not in fields:
+                return default
+            try:
+                return convert(fields[key])
+            except ValueError:
+                raise ValueError(f"the PNG's '{key}' field does not parse: {fields[key]!r}") from None
+
+        sampler_name = fields.get("Sampler", "DPM++ 2M")
+        karras = fields.get("Schedule type") == "Karras"
+        if sampler_name.endswith(" Karras"):  # A1111 before 1.9 named the schedule in the sampler
+            sampler_name, karras = sampler_name[:-len(" Karras")], True
+        if sampler_name not in _SAMPLERS_BY_A1111_NAME:
+            raise ValueError(f"the PNG's sampler '{sampler_name}' is not one ldm has "
+                             f"({', '.join(sorted(_SAMPLERS_BY_A1111_NAME))})")
+        width = height = None
+        if "Size" in fields:
+            width, height = get("Size", lambda v: tuple(int(x) for x in v.split("x", 1)))
+        hashes = dict(item.split(": ", 1) if ": " in item else (item, "")
+                      for item in filter(None, (s.strip() for s in fields.get("Lora hashes", "").split(","))))
+        loras = []
+        while hashes:  # our tags sit at the end of the prompt, in order; strip only the named ones
+            match = list(_LORA_TAG.finditer(prompt))
+            if not match or match[-1].end() != len(prompt) or match[-1].group(1) not in hashes:
+                break
+            tag = match[-1]
+            try:
+                weight = float(tag.group(2))
+            except ValueError:
+                raise ValueError(f"the PNG's LoRA tag {tag.group(0)} has no numeric weight") from None
+            loras.insert(0, LoraRef(tag.group(1), weight, None, hashes.pop(tag.group(1)) or None))
+            prompt = prompt[:tag.start()].removesuffix(" ")
+        clip_skip = get("Clip skip", int)
+        batch = get("Batch size", int, 1)
+        return cls(
+            prompt=prompt, negative_prompt=negative, width=width, height=height, steps=get("Steps", int),
+            sampler=_SAMPLERS_BY_A1111_NAME[sampler_name], karras=karras,
+            guidance_scale=get("CFG scale", float, 7.0), guidance_rescale=get("CFG Rescale phi", float, 0.0),
+            eta=get("Eta DDIM", float, 0.0), seed=get("Seed", int), strength=get("Denoising strength", float),
+            num_images=batch, loras=tuple(loras), clip_skip=None if clip_skip is None else clip_skip - 1,
+            step_cache=get("Step cache", int), model_name=fields.get("Model"), model_hash=fields.get("Model hash"),
+            batch_pos=get("Batch pos", int) if batch > 1 else None)
+
+    # -- JSON (ldm png-info) -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["loras"] = [{**asdict(lora), "path": str(lora.path) if lora.path else None} for lora in self.loras]
+        return d
+
+    def override(self, **changes) -> GenerationSettings:
+        """A copy with `changes` applied where they are not None."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def for_image(self, index: int) -> GenerationSettings:
+        """The settings of image `index` of this generation's output (prompt-major, as the images are)."""
+        i = index // self.num_images
+        return replace(self, prompt=self.prompts[i], negative_prompt=self.negative_prompts[i],
+                       batch_pos=index % self.num_images if self.num_images > 1 else None)
+
