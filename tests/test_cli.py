@@ -86,6 +86,7 @@ def test_missing_model_is_one_line(tmp_path, capsys):
     assert code != 0 and err.startswith("error: ") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_console_script_bad_input_has_no_traceback(model, tmp_path):
     """The installed entry point, as a user runs it: exit status and stderr only."""
     proc = subprocess.run([sys.executable, "-m", "ldm.cli", "generate", "x", "--model", model, "--steps", "-1"],

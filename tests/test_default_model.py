@@ -3,6 +3,8 @@
 These run the real shipped weights (a few seconds on CPU): a prompt's colour and shape are read
 back from the pixels with the shapes evaluator.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -56,3 +58,17 @@ def test_readme_prompt_draws_both_colours(pipe):
         image = pipe("a red circle to the left of a blue square", seed=seed, output_type="np").images[0]
         hits += {"red", "blue"} <= {o.colour for o in detect_objects(image)}
     assert hits >= 3, f"only {hits}/4 images showed both a red and a blue object"
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's Python block, on the embedded default model, as a user would paste it."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    assert 'from_pretrained("path/to/sd15")' in block
+    monkeypatch.chdir(tmp_path)
+    env: dict = {}
+    exec(block.replace('"path/to/sd15"', "None"), env)  # noqa: S102 - our own README
+    assert (tmp_path / "out.png").is_file() and env["variation"].steps_run >= 1
+    assert "Sampler: Euler, Schedule type: Karras" in env["again"].settings.to_infotext()

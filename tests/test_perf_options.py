@@ -213,6 +213,7 @@ def test_pipeline_step_cache(pipe):
     assert torch.equal(pipe(**KW, sampler="euler", output_type="latent").images, default)
 
 
+@pytest.mark.slow
 def test_compile_option(pipe):
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("inductor needs a C++ compiler on CPU")

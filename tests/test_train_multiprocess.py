@@ -18,6 +18,8 @@ import torch
 
 from test_train_common import run_training, subprocess_env, unet_stage, write_yaml
 
+pytestmark = pytest.mark.slow  # every test here starts torchrun
+
 # Each rank writes its own copy of the trained weights (the checkpoint only holds rank 0's) and its pid.
 DRIVER = textwrap.dedent("""
     import os, sys

@@ -161,6 +161,7 @@ def _tail_until(proc, needle: str, lines: list[str]) -> None:
     raise AssertionError("training ended before printing " + needle + ":\n" + "".join(lines[-20:]))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_checkpoint_exits_0_and_resumes_exactly(tmp_path):
     """SIGTERM lands at a random step; the run finishes that step, saves, exits 0; resuming to 8
     steps gives bit for bit what 8 uninterrupted steps give."""
@@ -227,6 +228,7 @@ KILL_DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["mid-write", "before-rename", "mid-prune"])
 def test_kill_9_while_saving_leaves_newest_complete_checkpoint(tmp_path, point):
     from ldm.train.checkpoint import latest_checkpoint
@@ -250,6 +252,7 @@ def test_kill_9_while_saving_leaves_newest_complete_checkpoint(tmp_path, point):
     assert state["progress"]["step"] == 6
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
     """Two kill -9s at seeded-random points (a checkpoint is saved after every step, so a kill often
     lands inside a save); each time the newest checkpoint is complete, and the resumed run ends bit
