@@ -85,7 +85,7 @@ class Pipeline:
     # -- opt-in performance switches -----------------------------------------------------------
     def enable_vae_tiling(self, tile: int = 512, overlap: int = 128) -> None:
         """Encode and decode in overlapping tiles of `tile` pixels, so peak memory no longer grows
-        with the image. An approximation (see ldm/vae_tiling.py); an image within one tile is exact.
+        with the image. An approximation (see ldm/fast/vae_tiling.py); an image within one tile is exact.
         The default overlap of 128 px (16 latents) covers most of the SD decoder's receptive field."""
         tiling = VaeTiling(tile, overlap)
         tiling.check(self.vae_scale_factor)
@@ -121,10 +121,10 @@ class Pipeline:
         concatenated copy of their weights (rebuilt when they change). attention_chunk: attend that
         many query tokens at a time, bounding attention memory. compile: torch.compile the U-Net
         in place (`nn.Module.compile`), so state_dict keys keep their names. winograd: 3x3 convolutions
-        as Winograd F(2x2, 3x3) for fp32 on the CPU (ldm/winograd.py), 2.25x fewer multiplies;
+        as Winograd F(2x2, 3x3) for fp32 on the CPU (ldm/fast/winograd.py), 2.25x fewer multiplies;
         "cached" (or True) holds the transformed kernels, "transient" rebuilds them per call on the
         layers where that pays and holds nothing. im2col: deep layers on small maps (stride 1 or 2)
-        as one GEMM, no extra memory (ldm/conv.py says which layers take which path)."""
+        as one GEMM, no extra memory (ldm/fast/conv_paths.py says which layers take which path)."""
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         for model in (self.parts.unet, self.parts.vae):
             model.to(memory_format=fmt)

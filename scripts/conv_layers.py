@@ -3,7 +3,7 @@
 
 The shapes are every distinct 3x3 convolution of SD1.5's U-Net at 256x256 (batch 2: CFG; with the
 number of such layers), the VAE decoder's at 256x256, and two of the default model's. This is the
-measurement behind the bounds in ldm/conv.py (where each path switches on); the bounds are lifted
+measurement behind the bounds in ldm/fast/conv_paths.py (where each path switches on); the bounds are lifted
 here to time every layer. channels_last (NHWC) layout, as with `--channels-last`.
 
     .venv/bin/python scripts/conv_layers.py --threads 2

@@ -1,4 +1,4 @@
-"""VAE tiling and slicing (ldm/vae_tiling.py) and the Pipeline switches for them.
+"""VAE tiling and slicing (ldm/fast/vae_tiling.py) and the Pipeline switches for them.
 
 Tiling is an approximation. A tile's GroupNorm statistics and mid-block attention see only that
 tile, and convolutions near a tile edge see padding. On the tiny random VAE (decoder receptive

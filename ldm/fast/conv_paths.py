@@ -6,7 +6,7 @@ channels on 32x32 (docs/BENCHMARKS.md). The exact alternatives (fp32 rounding on
 
 - im2col: one GEMM against the weight as it is stored (a view, no copy), for outputs of at most
   IM2COL_MAX_PIXELS, stride 1 or 2. It holds no extra memory.
-- Winograd F(2x2, 3x3) (ldm/winograd.py): 16 multiplies per 2x2 output tile instead of 36, for
+- Winograd F(2x2, 3x3) (ldm/fast/winograd.py): 16 multiplies per 2x2 output tile instead of 36, for
   maps of at most WINOGRAD_MAX_PIXELS. "cached" keeps each layer's transformed kernel (16/9 of its
   weight) for the session; "transient" transforms the kernel on every call and keeps nothing, which
   pays only where the kernel is small enough for the transform to stay in cache
