@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from ldm.shapes.evaluate import FROZEN_SET, cases_digest, frozen_cases
+from ldm.shapes.prompt_sets import FROZEN_SET, cases_digest, frozen_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD = ROOT / "ldm" / "default_model" / "MODEL_CARD.md"

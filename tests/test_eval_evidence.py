@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ldm.cli import main
-from ldm.shapes.evaluate import CATEGORIES, FROZEN_SET, cases_digest, eval_cases, frozen_cases
+from ldm.shapes.prompt_sets import CATEGORIES, FROZEN_SET, cases_digest, eval_cases, frozen_cases
 from tiny import write_tiny_sd_folder
 
 ROOT = Path(__file__).resolve().parents[1]

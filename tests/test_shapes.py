@@ -16,10 +16,8 @@ from ldm.shapes.dataset import (
     BACKGROUND, COLOURS, HELD_OUT, MARGIN, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, place_pair, place_single,
     random_scene, read_scenes, render, write_shapes_dataset,
 )
-from ldm.shapes.evaluate import (
-    CATEGORIES, cases_from_json, cases_to_json, detect_objects, eval_cases, run_shapes_eval, score_case, score_single,
-    to_uint8,
-)
+from ldm.shapes.evaluate import detect_objects, run_shapes_eval, score_case, score_single, to_uint8
+from ldm.shapes.prompt_sets import CATEGORIES, cases_from_json, cases_to_json, eval_cases
 
 N_EVAL = 24  # per category: covers every relation and every held-out pair/kind several times
 

@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
 def run_eval(args: argparse.Namespace) -> None:
     import json
 
-    from ldm.shapes.evaluate import eval_cases, frozen_cases, run_shapes_eval
+    from ldm.shapes.evaluate import run_shapes_eval
+    from ldm.shapes.prompt_sets import eval_cases, frozen_cases
 
     # the prompt set first: a bad --n fails before the (slow) load
     frozen = args.prompt_set == "frozen"

@@ -21,7 +21,7 @@ from pathlib import Path
 from ldm.pipeline import Pipeline
 from ldm.shapes.align_vae import colour_offsets, cosines
 from ldm.shapes.dataset import COLOURS
-from ldm.shapes.evaluate import eval_cases
+from ldm.shapes.prompt_sets import eval_cases
 
 
 def main() -> None:
