@@ -143,17 +143,19 @@ def lora_refs(given: list[tuple[Path, float | None]], recorded: tuple) -> tuple:
     """The LoRAs to apply: the PNG's (each needs its file among --lora, matched by name) and the rest given."""
     from ldm.settings import LoraRef
 
-    files = {path.stem: (path, weight) for path, weight in given}
+    given = list(given)
     loras = []
     for lora in recorded:
-        if lora.name not in files:
+        match = next((g for g in given if g[0].stem == lora.name), None)
+        if match is None:
             raise ValueError(f"the PNG used LoRA '{lora.name}' (hash {lora.hash}): pass its file with --lora")
-        path, weight = files.pop(lora.name)
+        given.remove(match)
+        path, weight = match
         ref = LoraRef.from_file(path, lora.weight if weight is None else weight)
         if lora.hash and ref.hash != lora.hash:
             _warn(f"LoRA {path}: its hash {ref.hash} is not the PNG's {lora.hash}; the image will differ")
         loras.append(ref)
-    return tuple(loras) + tuple(LoraRef.from_file(path, 1.0 if w is None else w) for path, w in files.values())
+    return tuple(loras) + tuple(LoraRef.from_file(path, 1.0 if w is None else w) for path, w in given)
 
 
 def settings_from_args(args: argparse.Namespace):

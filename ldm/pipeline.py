@@ -8,6 +8,7 @@ diffusers' image on any device.
 from __future__ import annotations
 
 import functools
+import operator
 import secrets
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ from ldm.io.lora import loras_merged
 from ldm.io.model_files import ModelParts, load_model
 from ldm.sampling.plan import SamplingPlan, add_noise, plan_sampling
 from ldm.sampling.samplers import sample
-from ldm.settings import GenerationSettings
+from ldm.settings import GenerationSettings, lora_hash
 from ldm.fast.step_cache import StepCache
 from ldm.fast.vae_tiling import VaeTiling, decode_latents, encode_images
 
@@ -234,8 +235,10 @@ class Pipeline:
         for lora in settings.loras:
             if lora.path is None:
                 raise ValueError(f"LoRA '{lora.name}': no file given for it")
+        # the hash goes into the PNG's Lora hashes, so that the file can be checked when read back
+        loras = tuple(lora if lora.hash else replace(lora, hash=lora_hash(lora.path)) for lora in settings.loras)
         step_cache = settings.step_cache if settings.step_cache is not None else self.step_cache_interval
-        return replace(settings, width=width, height=height, step_cache=step_cache,
+        return replace(settings, width=width, height=height, step_cache=step_cache, loras=loras,
                        model_name=self.parts.name, model_hash=self.parts.hash).validate(f)
 
     # -- public API ----------------------------------------------------------------------------
@@ -245,7 +248,9 @@ class Pipeline:
         """Text -> image, or with `image` (and `settings.strength`) image -> image.
 
         `latents` (txt2img) replaces the initial noise; `generator` replaces the seed. The result's
-        settings are the ones that ran, so `result.settings.to_infotext()` reproduces the image."""
+        settings are the ones that ran, so `result.settings.to_infotext()` reproduces the image. (With a
+        list of prompts, each image's noise is a row of one draw for the whole list: `image_settings(i)`
+        tells how it was made, but only the same list regenerates it.)"""
         settings.validate()
         image = load_image(image) if image is not None else None
         s = self._resolve(settings, image)
@@ -316,8 +321,18 @@ def _from_keywords(prompt: str | list[str], negative_prompt: str | list[str] | N
                    sampler: str, height: int | None, width: int | None, seed: int | None, num_images: int,
                    karras: bool | None, eta: float, guidance_rescale: float,
                    strength: float | None = None) -> GenerationSettings:
-    """diffusers-style keywords -> settings (a None negative prompt is the empty one, as in diffusers)."""
+    """diffusers-style keywords -> settings, read as they always were: a None negative prompt is the
+    empty one, a size of 0 or None the default, and numpy/torch integers (or a numeric seed string) count."""
+    def integer(value):
+        return value if value is None or isinstance(value, bool) else operator.index(value)
+
+    try:
+        steps, num_images, height, width = (integer(v) for v in (steps, num_images, height, width))
+        seed = None if seed is None else int(seed) if isinstance(seed, str) else integer(seed)
+    except (TypeError, ValueError):
+        raise ValueError(f"steps, sizes, seed and image counts must be integers, got steps={steps!r}, "
+                         f"height={height!r}, width={width!r}, seed={seed!r}, images={num_images!r}") from None
     return GenerationSettings(
-        prompt=prompt, negative_prompt="" if negative_prompt is None else negative_prompt, width=width, height=height,
-        steps=steps, sampler=sampler, karras=karras, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-        eta=eta, seed=seed, strength=strength, num_images=num_images)
+        prompt=prompt, negative_prompt="" if negative_prompt is None else negative_prompt, width=width or None,
+        height=height or None, steps=steps, sampler=sampler, karras=karras, guidance_scale=guidance_scale,
+        guidance_rescale=guidance_rescale, eta=eta, seed=seed, strength=strength, num_images=num_images)

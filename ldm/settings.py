@@ -24,6 +24,7 @@ A1111_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_
                        "heun": "Heun", "dpmpp_2m": "DPM++ 2M"}
 _SAMPLERS_BY_A1111_NAME = {v: k for k, v in A1111_SAMPLER_NAMES.items()}
 _LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]+)>")
+_NOT_IN_LORA_NAMES = ":,<>\n"  # they would break the <lora:name:w> tag or the Lora hashes list
 
 
 def lora_hash(path: Path) -> str:
@@ -44,13 +45,57 @@ class LoraRef:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: no such LoRA file")
-        return cls(path.stem, float(weight), path, lora_hash(path))
+        return cls(path.stem, float(weight), path, lora_hash(path)).check()
+
+    def check(self) -> LoraRef:
+        if not self.name or any(c in self.name for c in _NOT_IN_LORA_NAMES):
+            raise ValueError(f"LoRA name {self.name!r} cannot be written as A1111's <lora:name:weight> "
+                             f"(no {' '.join(repr(c) for c in _NOT_IN_LORA_NAMES)}): rename the file")
+        if not math.isfinite(self.weight):
+            raise ValueError(f"LoRA {self.name}: weight must be a finite number, got {self.weight}")
+        return self
+
+
+def _lora_weight(tag: re.Match) -> float:
+    try:
+        return float(tag.group(2))
+    except ValueError:
+        raise ValueError(f"the PNG's LoRA tag {tag.group(0)} has no numeric weight") from None
+
+
+def _take_lora_tags(prompt: str, hashes: dict[str, str | None]) -> tuple[str, tuple[LoraRef, ...]]:
+    """The prompt without the <lora:name:w> tags of the LoRAs named in `Lora hashes`, and those LoRAs.
+
+    Ours sit at the end, each after one space: they come off exactly. A1111's may stand anywhere and
+    are cut out as A1111 does before encoding. Only named tags count: other text stays prompt text."""
+    tail: list[LoraRef] = []
+    while (found := list(_LORA_TAG.finditer(prompt))) and found[-1].end() == len(prompt) \
+            and found[-1].group(1) in hashes and found[-1].group(1) not in {r.name for r in tail}:
+        tag = found[-1]
+        tail.insert(0, LoraRef(tag.group(1), _lora_weight(tag), None, hashes[tag.group(1)]))
+        prompt = prompt[:tag.start()].removesuffix(" ")
+    inner = [LoraRef(t.group(1), _lora_weight(t), None, hashes[t.group(1)]) for t in _LORA_TAG.finditer(prompt)
+             if t.group(1) in hashes]
+    prompt = _LORA_TAG.sub(lambda t: "" if t.group(1) in hashes else t.group(0), prompt)
+    loras = tuple(inner + tail)
+    missing = set(hashes) - {r.name for r in loras}
+    if missing:
+        raise ValueError(f"the PNG's Lora hashes name {', '.join(sorted(missing))} but its prompt has no such "
+                         "<lora:name:weight> tag")
+    return prompt, loras
 
 
 def _number(x: float) -> str:
     """The shortest text that reads back as the same float ("7.5", "5", "0.123456789")."""
     text = repr(float(x))
     return text[:-2] if text.endswith(".0") else text
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, sep, height = text.partition("x")
+    if not sep:
+        raise ValueError(text)
+    return int(width), int(height)
 
 
 def _is_int(value) -> bool:
@@ -126,9 +171,12 @@ class GenerationSettings:
             raise ValueError(f"clip skip must be an integer >= 0 (1 = penultimate layer), got {self.clip_skip!r}")
         if self.step_cache is not None and (not _is_int(self.step_cache) or self.step_cache < 1):
             raise ValueError(f"step cache interval must be an integer >= 1, got {self.step_cache!r}")
+        if len({lora.name for lora in self.loras}) != len(self.loras):
+            raise ValueError("two LoRAs have the same name; the PNG could not tell them apart: rename one file")
         for lora in self.loras:
-            if not math.isfinite(lora.weight):
-                raise ValueError(f"LoRA {lora.name}: weight must be a finite number, got {lora.weight}")
+            lora.check()
+        if self.batch_pos is not None and not (_is_int(self.batch_pos) and 0 <= self.batch_pos < self.num_images):
+            raise ValueError(f"batch position must be in [0, {self.num_images}), got {self.batch_pos!r}")
         return self
 
     # -- A1111 infotext ------------------------------------------------------------------------
@@ -149,7 +197,7 @@ class GenerationSettings:
             fields["Model"] = self.model_name
         if self.strength is not None:
             fields["Denoising strength"] = _number(self.strength)
-        if self.clip_skip:
+        if self.clip_skip is not None:  # 0 too: on a model loaded with a clip skip it is not the default
             fields["Clip skip"] = str(self.clip_skip + 1)
         if self.eta:
             fields["Eta DDIM"] = _number(self.eta)
@@ -191,21 +239,12 @@ class GenerationSettings:
                              f"({', '.join(sorted(_SAMPLERS_BY_A1111_NAME))})")
         width = height = None
         if "Size" in fields:
-            width, height = get("Size", lambda v: tuple(int(x) for x in v.split("x", 1)))
-        hashes = dict(item.split(": ", 1) if ": " in item else (item, "")
-                      for item in filter(None, (s.strip() for s in fields.get("Lora hashes", "").split(","))))
-        loras = []
-        while hashes:  # our tags sit at the end of the prompt, in order; strip only the named ones
-            match = list(_LORA_TAG.finditer(prompt))
-            if not match or match[-1].end() != len(prompt) or match[-1].group(1) not in hashes:
-                break
-            tag = match[-1]
-            try:
-                weight = float(tag.group(2))
-            except ValueError:
-                raise ValueError(f"the PNG's LoRA tag {tag.group(0)} has no numeric weight") from None
-            loras.insert(0, LoraRef(tag.group(1), weight, None, hashes.pop(tag.group(1)) or None))
-            prompt = prompt[:tag.start()].removesuffix(" ")
+            width, height = get("Size", _size)
+        hashes = {}
+        for item in filter(None, (part.strip() for part in fields.get("Lora hashes", "").split(","))):
+            name, _, digest = item.partition(":")
+            hashes[name.strip()] = digest.strip() or None
+        prompt, loras = _take_lora_tags(prompt, hashes)
         clip_skip = get("Clip skip", int)
         batch = get("Batch size", int, 1)
         return cls(

@@ -118,14 +118,14 @@ def apply_ldm_options(pipe, options: dict[str, int | bool]) -> None:
 def kept_memory_mb(pipe) -> float:
     """Memory the options keep across generations on top of the weights: cached Winograd kernels
     (built on first use) and the concatenated weights of fused QKV projections."""
-    from ldm.models.attention import Attention
-    from ldm.fast.conv_paths import Conv2d
+    from ldm.fast.attention import FastAttention
+    from ldm.fast.conv_paths import PathConv2d
 
     kept = []
     for module in (m for model in (pipe.parts.unet, pipe.parts.vae) for m in model.modules()):
-        if isinstance(module, Conv2d):
+        if isinstance(module, PathConv2d):
             kept.append(module._kernel)
-        elif isinstance(module, Attention):
+        elif isinstance(module, FastAttention):
             kept += [module.fused_weight, module.fused_bias]
     return sum(t.numel() * t.element_size() for t in kept if t is not None) / 2**20
 

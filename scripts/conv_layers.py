@@ -53,7 +53,7 @@ def main() -> None:
           + " | ".join(f"{p} (ms) | speed-up" for p in paths) + " |\n|" + "---|" * (7 + 2 * len(paths)))
     with torch.no_grad():
         for ci, co, hw, n, stride, layers in SHAPES:
-            conv = c.Conv2d(ci, co, 3, stride=stride, padding=1).to(memory_format=torch.channels_last)
+            conv = torch.nn.Conv2d(ci, co, 3, stride=stride, padding=1).to(memory_format=torch.channels_last)
             x = torch.randn(n, ci, hw, hw).contiguous(memory_format=torch.channels_last)
             c.configure_convolutions(conv)
             direct = median_ms(lambda: conv(x), args.runs)

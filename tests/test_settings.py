@@ -166,3 +166,60 @@ def test_from_png_overrides_and_mismatch_warnings(assets, tmp_path, capsys):
                           (["png-info", tmp_path / "nope.png"], "no such image file")):
         assert main([str(a) for a in argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_infotext_edge_cases_read_back():
+    # clip skip 0 is written: on a model loaded with a clip skip it is not the default
+    s = GenerationSettings("a", seed=1, karras=False, clip_skip=0)
+    assert "Clip skip: 1" in s.to_infotext() and GenerationSettings.from_infotext(s.to_infotext()) == s
+    # Windows line ends and a trailing newline, as other tools write them
+    text = "a cat\r\nNegative prompt: dog\r\nSteps: 2, Sampler: Euler, Seed: 1, Size: 8x8\n"
+    read = GenerationSettings.from_infotext(text)
+    assert (read.prompt, read.negative_prompt, read.steps) == ("a cat", "dog", 2)
+    # A1111 tags inside the prompt are cut out as A1111 does; hashes naming no tag are an error
+    text = 'a <lora:x:0.5> castle\nSteps: 2, Sampler: Euler, Seed: 1, Lora hashes: "x: aa"'
+    assert GenerationSettings.from_infotext(text).loras == (LoraRef("x", 0.5, None, "aa"),)
+    with pytest.raises(ValueError, match="Lora hashes name y"):
+        GenerationSettings.from_infotext('a\nSteps: 2, Sampler: Euler, Seed: 1, Lora hashes: "y: bb"')
+    with pytest.raises(ValueError, match="'Size' field does not parse"):
+        GenerationSettings.from_infotext("a\nSteps: 2, Sampler: Euler, Size: 512")
+
+
+@pytest.mark.parametrize("settings,message", [
+    (GenerationSettings("a", loras=(LoraRef("style, v2", 1.0),)), "cannot be written"),
+    (GenerationSettings("a", loras=(LoraRef("a:b", 1.0),)), "cannot be written"),
+    (GenerationSettings("a", loras=(LoraRef("s", 1.0), LoraRef("s", 0.5))), "same name"),
+    (GenerationSettings("a", num_images=3, batch_pos=7), "batch position must be in"),
+])
+def test_settings_a_png_could_not_hold_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        settings.validate()
+
+
+def test_keyword_api_reads_what_it_always_read(assets, tmp_path):
+    """numpy/torch integers, a numeric seed string and a 0 size (= the default) keep working in pipe()."""
+    import numpy as np
+    import torch
+
+    from ldm.pipeline import Pipeline
+    from ldm.settings import lora_hash
+
+    pipe = Pipeline.from_pretrained(assets["model"])
+    pipe.progress = False
+    want = pipe("a cat", num_inference_steps=2, seed=3, output_type="latent").images
+    got = pipe("a cat", num_inference_steps=np.int64(2), seed=torch.tensor(3), height=0, width=0,
+               num_images_per_prompt=np.int32(1), output_type="latent")
+    assert torch.equal(got.images, want) and pipe("a cat", num_inference_steps=2, seed="3").seed == 3
+    # a LoRA given without its hash gets one, so that its PNG can be checked when read back
+    result = pipe.generate(GenerationSettings("a cat", steps=2, seed=3, loras=(LoraRef("style", 0.5, assets["lora"]),)))
+    assert result.settings.loras[0].hash == lora_hash(assets["lora"])
+    assert GenerationSettings.from_infotext(result.settings.to_infotext()).loras[0].hash == lora_hash(assets["lora"])
+
+
+def test_two_lora_files_with_one_name_are_refused(assets, tmp_path, capsys):
+    (tmp_path / "sub").mkdir()
+    copy = tmp_path / "sub" / "style.safetensors"
+    copy.write_bytes(open(assets["lora"], "rb").read())
+    code = main(["generate", "a", "--model", assets["model"], "--lora", assets["lora"], "--lora", str(copy),
+                 "--steps", "2", "--quiet", "--out", str(tmp_path / "x.png")])
+    assert code == 2 and "same name" in capsys.readouterr().err

@@ -41,7 +41,9 @@ def format_infotext(prompt: str, negative_prompt: str, fields: dict[str, str]) -
 
 def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
     """(prompt, negative prompt, fields) of a `parameters` text, A1111's or ours."""
-    *lines, last = text.split("\n")
+    # Windows line ends and a trailing newline are not part of the text (A1111 strips it whole, but
+    # leading spaces can be part of a prompt)
+    *lines, last = text.replace("\r\n", "\n").rstrip("\n").split("\n")
     if len(_FIELD.findall(last)) < 3:  # A1111's test for "this last line is not the fields line"
         lines, last = lines + [last], ""
     prompt, negative, in_negative = [], [], False
