@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
 def run_eval(args: argparse.Namespace) -> None:
     import json
 
+    from ldm.io.weights import write_text_atomic
     from ldm.shapes.evaluate import run_shapes_eval
     from ldm.shapes.prompt_sets import eval_cases, frozen_cases
 
@@ -58,7 +59,7 @@ def run_eval(args: argparse.Namespace) -> None:
     text = json.dumps(scores, indent=2)
     print(text)
     if args.json_out is not None:
-        write_atomically(args.json_out, text + "\n")
+        write_text_atomic(args.json_out, text + "\n")
 
 
 # meant to leave the images as they are, but recorded: float rounding may differ
@@ -91,20 +92,3 @@ def run_identity(args: argparse.Namespace, pipe, settings) -> dict:
                 prediction_type=args.prediction_type, step_cache=args.step_cache, dtype=args.dtype,
                 device=args.device, speed_paths=[k for k in _SPEED_PATHS if getattr(args, k)],
                 ldm_version=ldm_version, date=date.today().isoformat())
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and os.replace, so a reader never sees half a file."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a result file is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

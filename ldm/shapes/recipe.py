@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 import uuid
@@ -25,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ldm.io.weights import write_text_atomic
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 STATE = "state"
@@ -144,10 +145,8 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
 
 
 def _write_marker(path: Path, marker: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(marker) + "\n")
-    os.replace(tmp, path)  # atomic: a killed run leaves the old marker or the new one, never half of one
+    # atomic: a killed run leaves the old marker or the new one, never half of one
+    write_text_atomic(path, json.dumps(marker) + "\n")
 
 
 # ---- the stages' work -------------------------------------------------------------------------------
