@@ -18,6 +18,7 @@ def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-skip", type=int,
                    help="use the output of the k-th-from-last CLIP layer (diffusers' count: 1 = penultimate; "
                         "the PNG's 'Clip skip' is A1111's, one more)")
+    p.add_argument("--refiner", help="SDXL refiner (folder or file) that takes over at --refiner-switch")
     p.add_argument("--lora", type=_lora_option, action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="apply a LoRA file to the U-Net (repeatable; weight 1, or the PNG's with --from-png)")
     perf = p.add_argument_group("speed and memory (opt-in)")
@@ -66,6 +67,15 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int)
     p.add_argument("--out", type=Path, default=Path("out.png"))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    xl = p.add_argument_group("SDXL conditioning (diffusers' keywords and defaults)")
+    xl.add_argument("--refiner-switch", type=float, metavar="F",
+                    help="with --refiner: the fraction of the schedule the base runs (default 0.8)")
+    for name, what in (("original-size", "HEIGHT WIDTH"), ("target-size", "HEIGHT WIDTH"),
+                       ("crops-coords-top-left", "TOP LEFT")):
+        for prefix in ("", "negative-"):
+            xl.add_argument(f"--{prefix}{name}", type=int, nargs=2, metavar=tuple(what.split()))
+    xl.add_argument("--aesthetic-score", type=float, help="refiner conditioning (default 6)")
+    xl.add_argument("--negative-aesthetic-score", type=float, help="refiner conditioning (default 2.5)")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -124,7 +134,7 @@ def load_pipeline(args: argparse.Namespace):
     transformers.logging.disable_progress_bar()
     pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=getattr(torch, _DTYPES[args.dtype]),
                                     allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
-                                    prediction_type=args.prediction_type)
+                                    prediction_type=args.prediction_type, refiner=args.refiner)
     if args.vae_tiling:
         pipe.enable_vae_tiling()
     if args.vae_slicing:
@@ -181,12 +191,19 @@ def settings_from_args(args: argparse.Namespace):
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, sampler=args.sampler, karras=args.karras,
         eta=args.eta, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, seed=args.seed,
         height=args.height, width=args.width, num_images=args.num_images, strength=getattr(args, "strength", None),
-        clip_skip=args.clip_skip, step_cache=args.step_cache, loras=lora_refs(args.lora, base.loras))
+        clip_skip=args.clip_skip, step_cache=args.step_cache, loras=lora_refs(args.lora, base.loras),
+        refiner_switch=args.refiner_switch, aesthetic_score=args.aesthetic_score,
+        negative_aesthetic_score=args.negative_aesthetic_score,
+        **{name: tuple(getattr(args, name)) for name in _XL_PAIR_OPTIONS if getattr(args, name) is not None})
     if args.num_images is not None:  # a new batch size: every image of it is wanted
         settings = replace(settings, batch_pos=None)
     if args.command == "img2img" and settings.strength is None:  # a text-to-image PNG as the start
         settings = replace(settings, strength=0.8)
     return settings.validate()
+
+
+_XL_PAIR_OPTIONS = [prefix + name for name in ("original_size", "target_size", "crops_coords_top_left")
+                    for prefix in ("", "negative_")]
 
 
 def output_paths(out: Path, n: int) -> list[Path]:
@@ -203,6 +220,9 @@ def _generate(args: argparse.Namespace, image=None) -> None:
     if settings.model_hash and settings.model_hash != pipe.parts.hash:
         _warn(f"the PNG was made with model hash {settings.model_hash} ({settings.model_name}), "
               f"but {pipe.parts.name} has {pipe.parts.hash}; the image will differ")
+    if settings.refiner_hash and pipe.refiner is not None and settings.refiner_hash != pipe.refiner.hash:
+        _warn(f"the PNG was made with refiner hash {settings.refiner_hash} ({settings.refiner_name}), "
+              f"but {pipe.refiner.name} has {pipe.refiner.hash}; the image will differ")
     result = pipe.generate(settings, image=image)
     if image is not None:
         print(f"img2img: ran {result.steps_run} of {settings.steps} steps (strength {settings.strength:g})",

@@ -7,7 +7,6 @@ diffusers' image on any device.
 """
 from __future__ import annotations
 
-import functools
 import operator
 import secrets
 from contextlib import ExitStack, contextmanager
@@ -22,12 +21,14 @@ from tqdm.auto import tqdm
 from ldm.fast.attention import configure_attention
 from ldm.fast.conv_paths import configure_convolutions
 from ldm.sampling.denoiser import make_denoiser
-from ldm.sampling.guidance import classifier_free_guidance
+from ldm.sampling.guidance import Conditioning, classifier_free_guidance
 from ldm.io.lora import loras_merged
 from ldm.io.model_files import ModelParts, load_model
-from ldm.sampling.plan import SamplingPlan, add_noise, plan_sampling
+from ldm.sampling.plan import SamplingPlan, add_noise, plan_from, plan_sampling, plan_until
 from ldm.sampling.samplers import sample
 from ldm.settings import GenerationSettings, lora_hash
+from ldm.size_conditioning import time_ids
+from ldm.text import TextEmbedding
 from ldm.fast.step_cache import StepCache
 from ldm.fast.vae_tiling import VaeTiling, decode_latents, encode_images
 
@@ -60,10 +61,17 @@ def load_image(image: Image.Image | str | Path) -> Image.Image:
         raise ValueError(f"{image}: not a readable image ({e})") from None
 
 
+REFINER_SWITCH = 0.8  # A1111's default "Refiner switch at"
+
+
 class Pipeline:
-    def __init__(self, parts: ModelParts, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, parts: ModelParts, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 refiner: ModelParts | None = None) -> None:
         self.parts = parts.to(device, dtype)
         self.device, self.dtype = torch.device(device), dtype
+        self.refiner: ModelParts | None = None
+        if refiner is not None:
+            self.set_refiner(refiner)
         self.progress = True
         # opt-in performance switches, all off by default (outputs then match diffusers'): see below
         self.vae_tiling: VaeTiling | None = None
@@ -72,12 +80,25 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                        **load_options) -> "Pipeline":
-        """`path=None` loads the embedded default model."""
+                        refiner: str | Path | None = None, **load_options) -> "Pipeline":
+        """`path=None` loads the embedded default model; `refiner` an SDXL refiner to hand off to."""
         if path is None:
             from ldm.shapes.default_model import default_model_path
             path = default_model_path()
-        return cls(load_model(path, **load_options), device, dtype)
+        refiner_parts = None
+        if refiner is not None:
+            refiner_parts = load_model(refiner, **{k: v for k, v in load_options.items() if k != "clip_skip"})
+        return cls(load_model(path, **load_options), device, dtype, refiner=refiner_parts)
+
+    def set_refiner(self, refiner: ModelParts | None) -> None:
+        """Hand the last part of every schedule to this SDXL refiner (None: no refiner)."""
+        if refiner is not None:
+            if not self.parts.is_sdxl or not refiner.is_sdxl:
+                raise ValueError("a refiner works with SDXL models only")
+            if refiner.vae.config.latent_channels != self.parts.vae.config.latent_channels:
+                raise ValueError("the refiner's latents do not match the base model's")
+            refiner.to(self.device, self.dtype)
+        self.refiner = refiner
 
     @property
     def vae_scale_factor(self) -> int:
@@ -135,29 +156,41 @@ class Pipeline:
             self.parts.unet.compile()
 
     # -- shared pieces -------------------------------------------------------------------------
-    def _text_states(self, prompts: list[str], negatives: list[str] | None, per_prompt: int,
-                     guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        enc = self.parts.text_encoder
-        cfg = guidance_scale > 1.0
-        chunks = max(enc.num_chunks(prompts), enc.num_chunks(negatives)) if cfg else None
-        cond = enc.encode(prompts, pad_to_chunks=chunks).states
-        uncond = enc.encode(negatives, pad_to_chunks=chunks).states if cfg else None
-        expand = lambda s: s.repeat_interleave(per_prompt, dim=0).to(self.device, self.dtype)  # noqa: E731
-        return expand(cond), (expand(uncond) if uncond is not None else None)
+    def _conditioning(self, parts: ModelParts, s: GenerationSettings) -> tuple[Conditioning, Conditioning | None]:
+        """The prompt's and the negative prompt's conditioning, one row per image (prompt-major)."""
+        enc = parts.text_encoder
+        guided = s.guidance_scale > 1.0
+        prompts, negatives = s.prompts, s.negative_prompts
+        # SDXL base: an empty negative prompt is no prompt at all, and conditions on zeros (diffusers'
+        # force_zeros_for_empty_prompt with negative_prompt=None)
+        zeros = guided and parts.force_zeros_for_empty_prompt and not any(negatives)
+        chunks = max(enc.num_chunks(prompts), enc.num_chunks(negatives)) if guided and not zeros else None
+        pos = enc.encode(prompts, pad_to_chunks=chunks)
+        neg = None
+        if guided:
+            neg = (TextEmbedding(torch.zeros_like(pos.states), None if pos.pooled is None else torch.zeros_like(pos.pooled))
+                   if zeros else enc.encode(negatives, pad_to_chunks=chunks))
+        ids = time_ids(s, parts.requires_aesthetics_score) if parts.is_sdxl else None
 
-    def _unet(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-              cache: StepCache | None = None) -> torch.Tensor:
-        if cache is None:
-            return self.parts.unet(x.to(self.dtype), t.to(self.device), context)
-        return cache(self.parts.unet, x.to(self.dtype), t.to(self.device), context)
+        def build(emb: TextEmbedding, row: list[float] | None) -> Conditioning:
+            y = None
+            if row is not None:
+                pooled = emb.pooled.to(self.device, torch.float32)
+                y = parts.unet.vector_conditioning(pooled, torch.tensor([row] * len(pooled), device=self.device))
+            expand = lambda t: t.repeat_interleave(s.num_images, dim=0).to(self.device, self.dtype)  # noqa: E731
+            return Conditioning(expand(emb.states), None if y is None else expand(y))
 
-    def _run_sampler(self, x: torch.Tensor, plan: SamplingPlan, cond, uncond, s: GenerationSettings,
-                     generator: torch.Generator) -> torch.Tensor:
-        unet = self._unet
-        if s.step_cache is not None:  # a fresh cache per run: features of another run are stale
-            unet = functools.partial(self._unet, cache=StepCache(s.step_cache))
+        return build(pos, ids and ids[0]), (build(neg, ids and ids[1]) if neg is not None else None)
+
+    def _run_sampler(self, parts: ModelParts, x: torch.Tensor, plan: SamplingPlan, cond: Conditioning,
+                     uncond: Conditioning | None, s: GenerationSettings, generator: torch.Generator) -> torch.Tensor:
+        def unet(x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
+            args = (x.to(self.dtype), t.to(self.device), c.context, c.y)
+            return parts.unet(*args) if cache is None else cache(parts.unet, *args)
+
+        cache = StepCache(s.step_cache) if s.step_cache is not None else None  # fresh per run: stale otherwise
         model_fn = classifier_free_guidance(unet, cond, uncond, s.guidance_scale, s.guidance_rescale)
-        denoiser = make_denoiser(model_fn, self.parts.schedule, plan)
+        denoiser = make_denoiser(model_fn, parts.schedule, plan)
         bar = tqdm(total=plan.steps, desc="sampling", unit="step", disable=not self.progress, leave=False)
 
         def on_step(info: dict) -> None:
@@ -171,14 +204,16 @@ class Pipeline:
         finally:
             bar.close()
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [0, 1]. A non-finite half-precision decode is retried in fp32, which is
-        the usual cure for SD VAEs overflowing in fp16."""
-        vae = self.parts.vae
+    def decode(self, latents: torch.Tensor, vae=None) -> torch.Tensor:
+        """Latents -> images in [0, 1]. A VAE whose config says force_upcast (SDXL's) decodes in fp32 when
+        the pipeline runs in fp16, as diffusers does; any other non-finite half-precision decode is
+        retried in fp32, the usual cure for SD VAEs overflowing in fp16."""
+        vae = self.parts.vae if vae is None else vae
         with torch.inference_mode():
             z = vae.unscale_latents(latents)
-            images = decode_latents(vae, z.to(self.dtype), self.vae_tiling, self.vae_slicing)
-            if not torch.isfinite(images).all() and self.dtype != torch.float32:
+            upcast = self.dtype == torch.float16 and vae.config.force_upcast
+            images = None if upcast else decode_latents(vae, z.to(self.dtype), self.vae_tiling, self.vae_slicing)
+            if images is None or not torch.isfinite(images).all() and self.dtype != torch.float32:
                 vae.float()
                 try:
                     images = decode_latents(vae, z.float(), self.vae_tiling, self.vae_slicing)
@@ -188,10 +223,10 @@ class Pipeline:
                 raise GenerationError("the VAE decoder produced NaN/Inf even in fp32")
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
-    def _finish(self, latents: torch.Tensor, output_type: str) -> list[Image.Image] | np.ndarray | torch.Tensor:
+    def _finish(self, latents: torch.Tensor, output_type: str, vae=None) -> list[Image.Image] | np.ndarray | torch.Tensor:
         if output_type == "latent":
             return latents
-        images = self.decode(latents).permute(0, 2, 3, 1).cpu().numpy()
+        images = self.decode(latents, vae).permute(0, 2, 3, 1).cpu().numpy()
         if output_type == "np":
             return images
         if output_type == "pil":
@@ -238,8 +273,21 @@ class Pipeline:
         # the hash goes into the PNG's Lora hashes, so that the file can be checked when read back
         loras = tuple(lora if lora.hash else replace(lora, hash=lora_hash(lora.path)) for lora in settings.loras)
         step_cache = settings.step_cache if settings.step_cache is not None else self.step_cache_interval
+        if self.parts.unet.config.in_channels != self.parts.vae.config.latent_channels:
+            raise ValueError(f"this is an inpainting model ({self.parts.unet.config.in_channels}-channel U-Net input): "
+                             "it cannot generate from text or an image alone")
+        if self.parts.requires_aesthetics_score:
+            raise ValueError("this is an SDXL refiner: use it as --refiner beside an SDXL base model")
+        switch, refiner_name, refiner_hash = settings.refiner_switch, None, None
+        if self.refiner is not None:
+            switch = REFINER_SWITCH if switch is None else switch
+            refiner_name, refiner_hash = self.refiner.name, self.refiner.hash
+        elif switch is not None:
+            raise ValueError(f"the settings hand off to a refiner ({settings.refiner_name or 'unnamed'}) at "
+                             f"{switch}, but none is loaded: pass --refiner")
         return replace(settings, width=width, height=height, step_cache=step_cache, loras=loras,
-                       model_name=self.parts.name, model_hash=self.parts.hash).validate(f)
+                       model_name=self.parts.name, model_hash=self.parts.hash, refiner_switch=switch,
+                       refiner_name=refiner_name, refiner_hash=refiner_hash).validate(f)
 
     # -- public API ----------------------------------------------------------------------------
     def generate(self, settings: GenerationSettings, *, image: Image.Image | str | Path | None = None,
@@ -259,21 +307,33 @@ class Pipeline:
             clip_skip = stack.enter_context(self._clip_skip(s.clip_skip))
             if s.loras:
                 stack.enter_context(loras_merged(self.parts.unet, [(lora.path, lora.weight) for lora in s.loras]))
-            cond, uncond = self._text_states(s.prompts, s.negative_prompts, s.num_images, s.guidance_scale)
+            cond, uncond = self._conditioning(self.parts, s)
             plan = plan_sampling(self.parts.schedule, s.sampler, s.steps, karras=s.karras, strength=s.strength)
+            refiner_plan = None
+            if self.refiner is not None:
+                total = self.parts.schedule.num_train_timesteps
+                # the refiner's own scheduler over the whole schedule, from the switch on (diffusers' denoising_start)
+                refiner_plan = plan_from(plan_sampling(self.refiner.schedule, s.sampler, s.steps, karras=s.karras),
+                                         s.refiner_switch, self.refiner.schedule.num_train_timesteps)
+                plan = plan_until(plan, s.refiner_switch, total)
             batch = len(s.prompts) * s.num_images
             if image is None:
                 x = self._initial_noise(s, batch, latents, gen) * plan.init_noise_sigma
             else:
                 x = self._noised_image(image, s, batch, plan, gen)
-            out = self._run_sampler(x, plan, cond, uncond, s, gen)
+            out = self._run_sampler(self.parts, x, plan, cond, uncond, s, gen)
+        steps_run, vae = plan.steps, self.parts.vae
+        if refiner_plan is not None:
+            cond, uncond = self._conditioning(self.refiner, s)
+            out = self._run_sampler(self.refiner, out, refiner_plan, cond, uncond, s, gen)
+            steps_run, vae = steps_run + refiner_plan.steps, self.refiner.vae
         s = replace(s, seed=seed, karras=plan.karras, clip_skip=clip_skip)
-        return GenerationResult(self._finish(out, output_type), seed, plan.steps, s)
+        return GenerationResult(self._finish(out, output_type, vae), seed, steps_run, s)
 
     def _initial_noise(self, s: GenerationSettings, batch: int, latents: torch.Tensor | None,
                        gen: torch.Generator) -> torch.Tensor:
         f = self.vae_scale_factor
-        shape = (batch, self.parts.unet.config.in_channels, s.height // f, s.width // f)
+        shape = (batch, self.parts.vae.config.latent_channels, s.height // f, s.width // f)
         if latents is None:
             latents = torch.randn(shape, generator=gen, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
@@ -298,10 +358,12 @@ class Pipeline:
                  height: int | None = None, width: int | None = None, seed: int | None = None,
                  latents: torch.Tensor | None = None, num_images_per_prompt: int = 1, output_type: str = "pil",
                  karras: bool | None = None, eta: float = 0.0, guidance_rescale: float = 0.0,
-                 generator: torch.Generator | None = None) -> GenerationResult:
-        """Text -> image with diffusers' keywords; see `generate` for the typed entry."""
+                 generator: torch.Generator | None = None, **sdxl) -> GenerationResult:
+        """Text -> image with diffusers' keywords; see `generate` for the typed entry. SDXL's keywords
+        (`original_size`, `crops_coords_top_left`, `target_size`, their `negative_` variants,
+        `aesthetic_score`, `negative_aesthetic_score`, `refiner_switch`) are settings fields of those names."""
         settings = _from_keywords(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,
-                                  seed, num_images_per_prompt, karras, eta, guidance_rescale)
+                                  seed, num_images_per_prompt, karras, eta, guidance_rescale, **sdxl)
         return self.generate(settings, latents=latents, generator=generator, output_type=output_type)
 
     def img2img(self, image: Image.Image | str | Path, prompt: str | list[str], strength: float = 0.8,
@@ -309,18 +371,18 @@ class Pipeline:
                 guidance_scale: float = 7.5, sampler: str = "dpmpp_2m", height: int | None = None,
                 width: int | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
                 output_type: str = "pil", karras: bool | None = None, eta: float = 0.0,
-                guidance_rescale: float = 0.0, generator: torch.Generator | None = None) -> GenerationResult:
+                guidance_rescale: float = 0.0, generator: torch.Generator | None = None, **sdxl) -> GenerationResult:
         """Noise the encoded image to the level `strength` picks, then denoise toward `prompt`.
-        Unlike diffusers, a tiny strength still runs at least one step."""
+        Unlike diffusers, a tiny strength still runs at least one step. SDXL keywords as for `__call__`."""
         settings = _from_keywords(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,
-                                  seed, num_images_per_prompt, karras, eta, guidance_rescale, strength)
+                                  seed, num_images_per_prompt, karras, eta, guidance_rescale, strength, **sdxl)
         return self.generate(settings, image=image, generator=generator, output_type=output_type)
 
 
 def _from_keywords(prompt: str | list[str], negative_prompt: str | list[str] | None, steps: int, guidance_scale: float,
                    sampler: str, height: int | None, width: int | None, seed: int | None, num_images: int,
                    karras: bool | None, eta: float, guidance_rescale: float,
-                   strength: float | None = None) -> GenerationSettings:
+                   strength: float | None = None, **sdxl) -> GenerationSettings:
     """diffusers-style keywords -> settings, read as they always were: a None negative prompt is the
     empty one, a size of 0 or None the default, and numpy/torch integers (or a numeric seed string) count."""
     def integer(value):
@@ -335,4 +397,19 @@ def _from_keywords(prompt: str | list[str], negative_prompt: str | list[str] | N
     return GenerationSettings(
         prompt=prompt, negative_prompt="" if negative_prompt is None else negative_prompt, width=width or None,
         height=height or None, steps=steps, sampler=sampler, karras=karras, guidance_scale=guidance_scale,
-        guidance_rescale=guidance_rescale, eta=eta, seed=seed, strength=strength, num_images=num_images)
+        guidance_rescale=guidance_rescale, eta=eta, seed=seed, strength=strength, num_images=num_images,
+        **_sdxl_keywords(sdxl))
+
+
+_SDXL_KEYWORDS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                  "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
+                  "negative_aesthetic_score", "refiner_switch")
+
+
+def _sdxl_keywords(given: dict) -> dict:
+    unknown = sorted(set(given) - set(_SDXL_KEYWORDS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    pairs = {k: tuple(v) for k, v in given.items() if v is not None and k not in
+             ("aesthetic_score", "negative_aesthetic_score", "refiner_switch")}
+    return {**{k: v for k, v in given.items() if v is not None}, **pairs}

@@ -25,6 +25,11 @@ A1111_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_
 _SAMPLERS_BY_A1111_NAME = {v: k for k, v in A1111_SAMPLER_NAMES.items()}
 _LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]+)>")
 _NOT_IN_LORA_NAMES = ":,<>\n"  # they would break the <lora:name:w> tag or the Lora hashes list
+# SDXL's size conditioning: settings field -> infotext key (ours: A1111 writes none of them)
+_XL_PAIRS = {"original_size": "Original size", "crops_coords_top_left": "Crop top left", "target_size": "Target size",
+             "negative_original_size": "Negative original size",
+             "negative_crops_coords_top_left": "Negative crop top left", "negative_target_size": "Negative target size"}
+_REFINER = re.compile(r"(.*?) \[([0-9a-fA-F]*)\]")  # A1111: "Refiner: name [hash]"
 
 
 def lora_hash(path: Path) -> str:
@@ -123,6 +128,21 @@ class GenerationSettings:
     model_name: str | None = None
     model_hash: str | None = None
     batch_pos: int | None = None  # which image of a batch a PNG holds; generation ignores it
+    # SDXL's micro-conditioning, as diffusers' keywords: (height, width) and (top, left) pairs. None: the
+    # output size; the negative ones default to the positive ones (negative crops: to crops_coords_top_left)
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0  # the SDXL refiner's conditioning (diffusers' defaults)
+    negative_aesthetic_score: float = 2.5
+    # base + refiner as an ensemble of expert denoisers: the base runs the schedule down to this
+    # fraction (diffusers' denoising_end, A1111's "Refiner switch at"), the refiner the rest
+    refiner_switch: float | None = None
+    refiner_name: str | None = None
+    refiner_hash: str | None = None
 
     @property
     def prompts(self) -> list[str]:
@@ -177,6 +197,18 @@ class GenerationSettings:
             lora.check()
         if self.batch_pos is not None and not (_is_int(self.batch_pos) and 0 <= self.batch_pos < self.num_images):
             raise ValueError(f"batch position must be in [0, {self.num_images}), got {self.batch_pos!r}")
+        for name in _XL_PAIRS:
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (tuple, list)) and len(value) == 2
+                                          and all(_is_int(v) and v >= 0 for v in value)):
+                raise ValueError(f"{name} must be a pair of integers >= 0, got {value!r}")
+        if (self.negative_original_size is None) != (self.negative_target_size is None):
+            raise ValueError("give negative_original_size and negative_target_size together (diffusers ignores one alone)")
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.refiner_switch is not None and not 0.0 < self.refiner_switch < 1.0:
+            raise ValueError(f"refiner switch must be in (0, 1), got {self.refiner_switch}")
         return self
 
     # -- A1111 infotext ------------------------------------------------------------------------
@@ -208,6 +240,17 @@ class GenerationSettings:
         if self.num_images > 1:
             fields["Batch size"] = str(self.num_images)
             fields["Batch pos"] = str(self.batch_pos or 0)
+        for name, key in _XL_PAIRS.items():
+            value = getattr(self, name)
+            if value is not None and not (name == "crops_coords_top_left" and tuple(value) == (0, 0)):
+                fields[key] = f"{value[1]}x{value[0]}"  # x first, as A1111's Size: WxH, left x top
+        for name, key, default in (("aesthetic_score", "Aesthetic score", 6.0),
+                                   ("negative_aesthetic_score", "Negative aesthetic score", 2.5)):
+            if getattr(self, name) != default:
+                fields[key] = _number(getattr(self, name))
+        if self.refiner_switch is not None:
+            fields["Refiner"] = f"{self.refiner_name or ''} [{self.refiner_hash or ''}]"
+            fields["Refiner switch at"] = _number(self.refiner_switch)
         prompt = self.prompts[0]
         if self.loras:
             # as A1111 writes them: tags in the prompt (removed before encoding), hashes in a field
@@ -247,6 +290,10 @@ class GenerationSettings:
         prompt, loras = _take_lora_tags(prompt, hashes)
         clip_skip = get("Clip skip", int)
         batch = get("Batch size", int, 1)
+        xl = {name: get(key, lambda text: _size(text)[::-1]) for name, key in _XL_PAIRS.items() if key in fields}
+        refiner = _REFINER.fullmatch(fields.get("Refiner", "")) if "Refiner" in fields else None
+        if "Refiner" in fields and refiner is None:
+            raise ValueError(f"the PNG's 'Refiner' field does not parse: {fields['Refiner']!r}")
         return cls(
             prompt=prompt, negative_prompt=negative, width=width, height=height, steps=get("Steps", int),
             sampler=_SAMPLERS_BY_A1111_NAME[sampler_name], karras=karras,
@@ -254,7 +301,11 @@ class GenerationSettings:
             eta=get("Eta DDIM", float, 0.0), seed=get("Seed", int), strength=get("Denoising strength", float),
             num_images=batch, loras=tuple(loras), clip_skip=None if clip_skip is None else clip_skip - 1,
             step_cache=get("Step cache", int), model_name=fields.get("Model"), model_hash=fields.get("Model hash"),
-            batch_pos=get("Batch pos", int) if batch > 1 else None)
+            batch_pos=get("Batch pos", int) if batch > 1 else None, **xl,
+            aesthetic_score=get("Aesthetic score", float, 6.0),
+            negative_aesthetic_score=get("Negative aesthetic score", float, 2.5),
+            refiner_switch=get("Refiner switch at", float), refiner_name=refiner.group(1) or None if refiner else None,
+            refiner_hash=refiner.group(2) or None if refiner else None)
 
     # -- JSON (ldm png-info) -------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -306,6 +306,7 @@ def _context_unet(calls: list):
     toy = ToyModel(seed=3)
 
     def unet(x, t, context):
+        context = getattr(context, "context", context)  # guidance hands a Conditioning; the tests a tensor
         calls.append((x.shape[0], t.shape, context))
         return toy(x, t) + 0.5 * torch.tanh(context.mean(dim=(1, 2))).view(-1, 1, 1, 1) * x
     return unet
@@ -342,7 +343,7 @@ def test_cfg_bad_input_is_a_clear_error():
     unet, cond = _context_unet([]), torch.randn(2, 5, 8)
     with pytest.raises(ValueError, match="unconditional"):
         classifier_free_guidance(unet, cond, None, 7.5)
-    with pytest.raises(ValueError, match="negative context shape"):
+    with pytest.raises(ValueError, match="negative context shape"):  # noqa: PT011
         classifier_free_guidance(unet, cond, torch.randn(2, 6, 8), 7.5)
     with pytest.raises(ValueError, match="guidance_rescale"):
         classifier_free_guidance(unet, cond, cond, 7.5, guidance_rescale=1.5)
@@ -438,7 +439,7 @@ def test_tiny_unet_with_guidance_matches_diffusers_loop(name, zero_snr):
             lat = sched.step(out, t, lat, generator=gen).prev_sample
         schedule = NoiseSchedule.from_diffusers_config(cfg)
         plan = plan_sampling(schedule, name, 5)
-        model = classifier_free_guidance(lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample,
+        model = classifier_free_guidance(lambda x, t, c: unet(x, t, encoder_hidden_states=c.context).sample,
                                          cond, uncond, 6.0, guidance_rescale=0.5)
         ours = sample(name, make_denoiser(model, schedule, plan), noise * plan.init_noise_sigma, plan,
                       generator=torch.Generator().manual_seed(1))

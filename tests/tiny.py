@@ -112,3 +112,73 @@ def write_tiny_lora(model_dir, path, rank: int = 2, seed: int = 0):
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
     return save_lora(unet, path, cfg)
+
+
+# SDXL: CLIP-L-like (64 wide) + bigG-like (128 wide, projected to 96) text encoders, 64-dim heads as the
+# real ones have (single files from elsewhere carry no head count). The widths differ, as in SDXL,
+# which is how diffusers' from_single_file tells the two encoders apart.
+TINY_XL_TEXT_DIMS = (64, 128)
+TINY_XL_POOLED = 96
+TINY_XL_TIME_EMBED = 8
+
+
+def tiny_xl_text_models(vocab_size: int, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def config(width: int, act: str, projection: int) -> CLIPTextConfig:
+        return CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=width,
+                              intermediate_size=width * 2, layer_norm_eps=1e-5, num_attention_heads=width // 64,
+                              num_hidden_layers=3, vocab_size=vocab_size, max_position_embeddings=77,
+                              hidden_act=act, projection_dim=projection)
+
+    torch.manual_seed(seed)
+    first = CLIPTextModel(config(TINY_XL_TEXT_DIMS[0], "quick_gelu", TINY_XL_TEXT_DIMS[0])).eval()
+    torch.manual_seed(seed + 1)
+    second = CLIPTextModelWithProjection(config(TINY_XL_TEXT_DIMS[1], "gelu", TINY_XL_POOLED)).eval()
+    return first, second
+
+
+def tiny_xl_unet(refiner: bool = False, seed: int = 0):
+    """SDXL's U-Net shape in miniature: a first level without attention, deeper transformers below,
+    the text_time added embedding (6 size ids; 5 for the refiner, whose last is an aesthetic score)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    context = TINY_XL_TEXT_DIMS[1] if refiner else sum(TINY_XL_TEXT_DIMS)
+    ids = 5 if refiner else 6
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        cross_attention_dim=context, addition_embed_type="text_time", addition_time_embed_dim=TINY_XL_TIME_EMBED,
+        projection_class_embeddings_input_dim=TINY_XL_POOLED + ids * TINY_XL_TIME_EMBED, norm_num_groups=32,
+    ).eval()
+
+
+def write_tiny_sdxl_folder(out: Path, refiner: bool = False, seed: int = 0) -> Path:
+    """An SDXL base (or refiner) diffusers folder, saved by diffusers' own SDXL pipeline classes."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_tiny_clip_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(path)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(path, pad_token="!")  # as SDXL's tokenizer_2
+    # SDXL's own scheduler config: Euler, scaled_linear 0.00085-0.012, leading spacing, offset 1
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    first, second = tiny_xl_text_models(len(tokenizer), seed + 2)
+    vae = tiny_vae(seed + 1)
+    vae.register_to_config(scaling_factor=0.13025)
+    unet = tiny_xl_unet(refiner, seed)
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=second, tokenizer=None, tokenizer_2=tokenizer_2, unet=unet,
+            scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    else:
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=first, text_encoder_2=second, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+            unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(out)
+    return out

@@ -35,13 +35,14 @@ class StepCache:
             return False
         return True
 
-    def __call__(self, unet: UNet, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        """`unet(x, t, context)`, with every call but each `interval`-th one taken on the shallow path.
+    def __call__(self, unet: UNet, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
+                 y: torch.Tensor | None = None) -> torch.Tensor:
+        """`unet(x, t, context, y)`, with every call but each `interval`-th one taken on the shallow path.
 
         A shallow call runs conv_in and the first down block, whose skips feed the last up block; that
         block's other input is the deep features kept from the last full call. (The first block's
         downsampler also runs; only the deep path needs it.)"""
-        temb = unet.embed_time(t, x)
+        temb = unet.embed_time(t, x, y)
         h = unet.conv_in(x)
         last = unet.up_blocks[-1]
         if self.next_is_shallow(h):

@@ -25,6 +25,8 @@ def unet_prefix_map(cfg: UNetConfig) -> list[tuple[str, str]]:
     """(our module prefix, CompVis module prefix) for every module of the U-Net."""
     pairs = [("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
              ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2")]
+    if cfg.has_vector_conditioning:  # SDXL: sgm's label_emb is diffusers' add_embedding
+        pairs += [("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2")]
     L, levels = cfg.layers_per_block, len(cfg.block_out_channels)
 
     def resnet(ours: str, theirs: str) -> None:
@@ -116,8 +118,12 @@ def vae_from_compvis(state: dict[str, torch.Tensor], cfg: AutoencoderConfig) -> 
     return {k: (v[:, :, 0, 0] if _is_vae_attention_projection(k) and v.ndim == 4 else v) for k, v in out.items()}
 
 
-def infer_unet_config(state: dict[str, torch.Tensor]) -> UNetConfig:
-    """Reads the architecture off the weight shapes of a CompVis U-Net (SD 1.x or 2.x)."""
+def infer_unet_config(state: dict[str, torch.Tensor], pooled_dim: int | None = None,
+                      num_time_ids: int = 6) -> UNetConfig:
+    """Reads the architecture off the weight shapes of a CompVis/sgm U-Net (SD 1.x, 2.x or SDXL).
+
+    SDXL's `label_emb` input is the pooled text vector (`pooled_dim` wide) followed by `num_time_ids`
+    embedded size ids (6 for the base, 5 for the refiner): the caller knows both from its text encoders."""
     p = UNET_PREFIX
     try:
         conv_in = state[p + "input_blocks.0.0.weight"]
@@ -131,15 +137,31 @@ def infer_unet_config(state: dict[str, torch.Tensor]) -> UNetConfig:
     attention = [p + f"input_blocks.{1 + i * (layers + 1)}.1.proj_in.weight" in state for i in range(levels)]
     mid_proj = state[p + "middle_block.1.proj_in.weight"]
     context_dim = state[p + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
-    depth = len({k.split("transformer_blocks.")[1].split(".")[0] for k in state
-                 if k.startswith(p + "middle_block.1.transformer_blocks.")})
+
+    def depth(block: str) -> int:
+        return len({k[len(block):].split(".")[0] for k in state if k.startswith(block)})
+
+    mid_depth = depth(p + "middle_block.1.transformer_blocks.")
+    # levels without attention have no depth of their own; the deepest one's is the mid block's (UNet reads it)
+    depths = [depth(p + f"input_blocks.{1 + i * (layers + 1)}.1.transformer_blocks.") if attention[i]
+              else (mid_depth if i == levels - 1 else 1) for i in range(levels)]
     linear = mid_proj.ndim == 2
-    # SD1 uses 8 heads everywhere; SD2 uses 64-dim heads, which is how the original configs differ
+    # SD1 uses 8 heads everywhere; SD2 and SDXL 64-dim heads, which is how the original configs differ
     heads: int | list[int] = 8 if context_dim == 768 else [max(1, c // 64) for c in chs]
+    added: dict = {}
+    if p + "label_emb.0.0.weight" in state:
+        adm = state[p + "label_emb.0.0.weight"].shape[1]
+        if pooled_dim is None or adm <= pooled_dim or (adm - pooled_dim) % num_time_ids:
+            raise ValueError(f"U-Net label_emb takes {adm} features, which no pooled text vector of {pooled_dim} "
+                             f"plus {num_time_ids} size ids fills")
+        added = {"projection_class_embeddings_input_dim": adm,
+                 "addition_time_embed_dim": (adm - pooled_dim) // num_time_ids}
     return UNetConfig(in_channels=conv_in.shape[1], out_channels=state[p + "out.2.weight"].shape[0],
                       block_out_channels=chs, layers_per_block=layers, attention_levels=attention,
-                      cross_attention_dim=context_dim, num_heads=heads, transformer_depth=depth,
-                      use_linear_projection=linear, sample_size=96 if context_dim == 1024 else 64)
+                      cross_attention_dim=context_dim, num_heads=heads,
+                      transformer_depth=depths if len(set(depths)) > 1 else depths[0],
+                      use_linear_projection=linear, sample_size=128 if added else 96 if context_dim == 1024 else 64,
+                      **added)
 
 
 def infer_vae_config(state: dict[str, torch.Tensor]) -> AutoencoderConfig:

@@ -1,7 +1,7 @@
 """Translating diffusers' `config.json` files to our dataclass configs and back.
 
-Only the features SD 1.x/2.x-style models use are accepted; anything else (SDXL's added
-embeddings, class labels, other block types) is refused with a message naming the key, rather
+Only the features SD 1.x/2.x and SDXL models use are accepted; anything else (class labels, image
+or text-image added embeddings, other block types) is refused with a message naming the key, rather
 than silently building a different network.
 """
 from __future__ import annotations
@@ -10,9 +10,8 @@ from ldm.models.autoencoder import AutoencoderConfig
 from ldm.models.unet import UNetConfig
 
 _UNET_UNSUPPORTED_IF_SET = (
-    "class_embed_type", "addition_embed_type", "encoder_hid_dim", "time_cond_proj_dim", "num_class_embeds",
-    "projection_class_embeddings_input_dim", "addition_time_embed_dim", "time_embedding_dim",
-    "timestep_post_act", "cross_attention_norm",
+    "class_embed_type", "encoder_hid_dim", "time_cond_proj_dim", "num_class_embeds", "time_embedding_dim",
+    "timestep_post_act", "cross_attention_norm", "reverse_transformer_layers_per_block",
 )
 _UNET_REQUIRED_VALUES = {
     "act_fn": "silu", "resnet_time_scale_shift": "default", "time_embedding_type": "positional",
@@ -23,7 +22,7 @@ _UNET_REQUIRED_VALUES = {
 
 
 def _unsupported(what: str, key: str, value) -> ValueError:
-    return ValueError(f"unsupported {what} config: {key}={value!r} (ldm supports SD 1.x/2.x-style models)")
+    return ValueError(f"unsupported {what} config: {key}={value!r} (ldm supports SD 1.x/2.x and SDXL models)")
 
 
 def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
@@ -53,6 +52,12 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
         raise _unsupported("U-Net", "up_block_types", up)
     if isinstance(cfg.get("cross_attention_dim"), list):
         raise _unsupported("U-Net", "cross_attention_dim", cfg["cross_attention_dim"])
+    added = cfg.get("addition_embed_type")
+    if added not in (None, "text_time"):
+        raise _unsupported("U-Net", "addition_embed_type", added)
+    if added == "text_time" and not (cfg.get("addition_time_embed_dim") and cfg.get("projection_class_embeddings_input_dim")):
+        raise _unsupported("U-Net", "addition_embed_type", "text_time without addition_time_embed_dim and "
+                           "projection_class_embeddings_input_dim")
     # diffusers' historical naming: `attention_head_dim` holds the number of heads for SD models
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
     depth = cfg.get("transformer_layers_per_block", 1)
@@ -68,6 +73,8 @@ def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
         flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=cfg.get("freq_shift", 0),
         sample_size=_single(cfg.get("sample_size") or 64, "sample_size"),
         upcast_attention=bool(cfg.get("upcast_attention", False)),
+        addition_time_embed_dim=cfg.get("addition_time_embed_dim") if added else None,
+        projection_class_embeddings_input_dim=cfg.get("projection_class_embeddings_input_dim") if added else None,
     )
 
 
@@ -82,7 +89,11 @@ def _single(value, key: str):
 def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels)]
-    return {
+    added = {}
+    if cfg.has_vector_conditioning:
+        added = {"addition_embed_type": "text_time", "addition_time_embed_dim": cfg.addition_time_embed_dim,
+                 "projection_class_embeddings_input_dim": cfg.projection_class_embeddings_input_dim}
+    return {**added,
         "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": cfg.num_heads,
         "block_out_channels": list(cfg.block_out_channels), "center_input_sample": False,
         "cross_attention_dim": cfg.cross_attention_dim, "down_block_types": down, "downsample_padding": 1,
@@ -113,6 +124,7 @@ def vae_config_from_diffusers(cfg: dict) -> AutoencoderConfig:
         use_quant_conv=cfg.get("use_quant_conv", True), use_post_quant_conv=cfg.get("use_post_quant_conv", True),
         mid_block_add_attention=cfg.get("mid_block_add_attention", True),
         sample_size=_single(cfg.get("sample_size", 512), "sample_size"),
+        force_upcast=bool(cfg.get("force_upcast", True)),
     )
 
 
@@ -125,7 +137,7 @@ def vae_config_to_diffusers(cfg: AutoencoderConfig) -> dict:
         "layers_per_block": cfg.layers_per_block, "norm_num_groups": cfg.norm_num_groups,
         "sample_size": cfg.sample_size, "scaling_factor": cfg.scaling_factor,
         "use_quant_conv": cfg.use_quant_conv, "use_post_quant_conv": cfg.use_post_quant_conv,
-        "mid_block_add_attention": cfg.mid_block_add_attention,
+        "mid_block_add_attention": cfg.mid_block_add_attention, "force_upcast": cfg.force_upcast,
     }
     if cfg.shift_factor is not None:
         out["shift_factor"] = cfg.shift_factor

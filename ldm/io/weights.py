@@ -94,7 +94,8 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], what: str,
+                            assign: bool = False) -> None:
     """Copies `state` into `module`, requiring exactly the same keys and shapes.
 
     The first problem is reported with the key and both shapes, which is what a user needs to see
@@ -111,7 +112,7 @@ def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], w
     if missing:
         more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{what}: missing key '{missing[0]}'{more}")
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=assign)
 
 
 def file_sha256(path: Path) -> str:

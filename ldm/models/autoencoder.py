@@ -26,6 +26,9 @@ class AutoencoderConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
     sample_size: int = 512
+    # decode in fp32 when the rest runs in fp16: SDXL's VAE overflows in half precision (diffusers' flag,
+    # and its default)
+    force_upcast: bool = True
 
     @property
     def downscale(self) -> int:

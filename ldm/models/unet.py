@@ -1,4 +1,9 @@
-"""The conditional U-Net: `UNet(x, t, context) -> eps or v`, enough for SD 1.x and SD 2.x weights."""
+"""The conditional U-Net: `UNet(x, t, context, y) -> eps or v`, for SD 1.x, SD 2.x and SDXL weights.
+
+SDXL adds a second conditioning vector `y` (sgm's `label_emb` input, diffusers' `add_embeds`): the
+pooled text embedding followed by the sinusoidal embeddings of its size (and, for the refiner,
+aesthetic-score) conditioning, mapped by `add_embedding` and added to the timestep embedding.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -31,6 +36,23 @@ class UNetConfig:
     freq_shift: float = 0.0
     sample_size: int = 64
     upcast_attention: bool = False  # kept for export; SDPA accumulates in fp32 already
+    # SDXL's "text_time" added embedding: each time id gets a sinusoidal embedding of this width...
+    addition_time_embed_dim: int | None = None
+    # ...and add_embedding maps [pooled text, embedded time ids] (this many features) to the time embedding
+    projection_class_embeddings_input_dim: int | None = None
+
+    @property
+    def has_vector_conditioning(self) -> bool:
+        return self.addition_time_embed_dim is not None
+
+    def num_time_ids(self, pooled_dim: int) -> int:
+        """How many size/score numbers `y` carries beside a pooled text vector of `pooled_dim`: 6 for the
+        SDXL base (original size, crop corner, target size), 5 for the refiner (aesthetic score for target size)."""
+        extra = (self.projection_class_embeddings_input_dim or 0) - pooled_dim
+        if not self.has_vector_conditioning or extra <= 0 or extra % self.addition_time_embed_dim:
+            raise ValueError(f"U-Net added-embedding input {self.projection_class_embeddings_input_dim} does not fit "
+                             f"a pooled text vector of {pooled_dim} plus {self.addition_time_embed_dim}-wide time ids")
+        return extra // self.addition_time_embed_dim
 
     def per_level(self, value: int | list[int]) -> list[int]:
         levels = len(self.block_out_channels)
@@ -54,6 +76,11 @@ class UNet(nn.Module):
 
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chs[0], temb_dim)
+        self.add_embedding = None
+        if cfg.has_vector_conditioning:
+            if not cfg.projection_class_embeddings_input_dim:
+                raise ValueError("addition_time_embed_dim needs projection_class_embeddings_input_dim")
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_dim)
 
         self.down_blocks = nn.ModuleList()
         skip_chs = [chs[0]]  # channel count of every tensor the down path hands to the up path
@@ -88,12 +115,30 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def embed_time(self, t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    def vector_conditioning(self, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        """SDXL's `y`: the pooled text [B, P] then each of the time ids [B, n] sinusoidally embedded."""
+        cfg = self.config
+        if not cfg.has_vector_conditioning:
+            raise ValueError("this U-Net takes no added (pooled text and size) conditioning")
+        if time_ids.shape[-1] != cfg.num_time_ids(pooled.shape[-1]):
+            raise ValueError(f"this U-Net takes {cfg.num_time_ids(pooled.shape[-1])} time ids, got {time_ids.shape[-1]}")
+        embedded = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                      cfg.freq_shift).reshape(time_ids.shape[0], -1)
+        return torch.cat([pooled, embedded.to(pooled.device)], dim=-1)
+
+    def embed_time(self, t: torch.Tensor | float, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
         t = torch.as_tensor(t, device=x.device)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-        return self.time_embedding(
+        temb = self.time_embedding(
             timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift).to(x.dtype))
+        if self.add_embedding is None:
+            if y is not None:
+                raise ValueError("this U-Net takes no added conditioning vector y")
+            return temb
+        if y is None:
+            raise ValueError("this SDXL U-Net needs its added conditioning vector y (pooled text and size ids)")
+        return temb + self.add_embedding(y.to(temb.dtype))
 
     def down(self, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
              blocks: nn.ModuleList | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -119,8 +164,9 @@ class UNet(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        temb = self.embed_time(t, x)
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        temb = self.embed_time(t, x, y)
         h, skips = self.down(self.conv_in(x), temb, context)
         h = self._run(self.mid_block, h, temb, context)
         h, _ = self.up(h, skips, temb, context)

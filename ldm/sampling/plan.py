@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -113,3 +113,36 @@ def add_noise(latents: torch.Tensor, noise: torch.Tensor, plan: SamplingPlan) ->
         scale = 1 / math.sqrt(1 + sigma**2)
         return scale * latents + (sigma * scale) * noise
     return latents + noise * sigma
+
+
+def _switch_cutoff(plan: SamplingPlan, switch: float, num_train_timesteps: int) -> int:
+    if plan.sampler == "heun":  # diffusers shifts second-order hand-offs by a step; not reproduced here
+        raise ValueError("the base-to-refiner hand-off is not available with heun; pick another sampler")
+    if not 0.0 < switch < 1.0:
+        raise ValueError(f"refiner switch must be in (0, 1), got {switch}")
+    # diffusers' denoising_end / denoising_start: a training timestep below which the refiner takes over
+    return int(round(num_train_timesteps - switch * num_train_timesteps))
+
+
+def plan_until(plan: SamplingPlan, switch: float, num_train_timesteps: int) -> SamplingPlan:
+    """The base model's part of an ensemble of expert denoisers: the steps at timesteps >= the switch
+    point, ending at the next level instead of at zero (diffusers' `denoising_end`)."""
+    cutoff = _switch_cutoff(plan, switch, num_train_timesteps)
+    n = int((plan.timesteps >= cutoff).sum())
+    if n == 0 or n == plan.steps:
+        raise ValueError(f"refiner switch {switch} with {plan.steps} steps leaves the "
+                         f"{'base' if n == 0 else 'refiner'} no step; move the switch")
+    to = None if plan.sigmas_to is None else plan.sigmas_to[:n]
+    return replace(plan, sigmas=plan.sigmas[:n + 1], timesteps=plan.timesteps[:n], sigmas_to=to, ddpm_last_noise=True)
+
+
+def plan_from(plan: SamplingPlan, switch: float, num_train_timesteps: int) -> SamplingPlan:
+    """The refiner's part: the steps at timesteps below the switch point, starting from the latents the
+    base left (diffusers' `denoising_start`, which adds no noise)."""
+    cutoff = _switch_cutoff(plan, switch, num_train_timesteps)
+    m = int((plan.timesteps < cutoff).sum())
+    if m == 0:
+        raise ValueError(f"refiner switch {switch} with {plan.steps} steps leaves the refiner no step; move the switch")
+    start = plan.steps - m
+    to = None if plan.sigmas_to is None else plan.sigmas_to[start:]
+    return replace(plan, sigmas=plan.sigmas[start:], timesteps=plan.timesteps[start:], sigmas_to=to)

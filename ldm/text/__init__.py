@@ -13,11 +13,12 @@ import torch
 from ldm.text.base import TextEmbedding, TextEncoder
 from ldm.text.bert import BertTextEncoder, load_bert, load_minilm, minilm_path
 from ldm.text.clip import ClipTextEncoder, load_clip
+from ldm.text.clip_pair import ClipPairTextEncoder
 from ldm.text.openclip import OPENCLIP_MISSING, OpenClipTextEncoder, load_openclip
 from ldm.text.t5 import T5TextEncoder, load_t5
 
 __all__ = [
-    "TextEmbedding", "TextEncoder", "ClipTextEncoder", "T5TextEncoder", "BertTextEncoder", "OpenClipTextEncoder",
+    "TextEmbedding", "TextEncoder", "ClipTextEncoder", "ClipPairTextEncoder", "T5TextEncoder", "BertTextEncoder", "OpenClipTextEncoder",
     "OPENCLIP_MISSING", "FOLDER_TEXT_ENCODERS", "TEXT_ENCODER_KINDS", "load_text_encoder",
     "load_text_encoder_from_folder", "load_minilm", "load_openclip", "load_clip", "load_t5", "load_bert",
     "minilm_path",
@@ -50,23 +51,45 @@ def load_text_encoder_from_folder(root: Path, model_index: dict[str, Any], *, cl
     packaged = root / "text_encoder" / PACKAGED_MARKER
     if packaged.is_file():
         return _load_packaged(packaged, dtype)
-    entry = model_index.get("text_encoder")
-    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
-        raise ValueError(f"{root / 'model_index.json'} names no text_encoder (got {entry!r})")
-    if not isinstance(model_index.get("tokenizer"), (list, tuple)) or model_index["tokenizer"][1] is None:
-        raise ValueError(f"{root / 'model_index.json'} names no tokenizer for its text encoder")
-    class_name = entry[1]
+    if _named(model_index, "text_encoder_2"):  # SDXL: CLIP-L + bigG (base), or bigG alone (refiner)
+        first = None
+        if _named(model_index, "text_encoder"):
+            first = _load_folder_encoder(root, model_index, "", clip_skip, dtype, penultimate=True)
+        second = _load_folder_encoder(root, model_index, "_2", clip_skip, dtype, penultimate=True)
+        if not isinstance(second, ClipTextEncoder) or (first is not None and not isinstance(first, ClipTextEncoder)):
+            raise ValueError(f"{root / 'model_index.json'}: SDXL's text encoders must be CLIP models")
+        return ClipPairTextEncoder(first, second)
+    return _load_folder_encoder(root, model_index, "", clip_skip, dtype)
+
+
+def _named(model_index: dict[str, Any], key: str) -> bool:
+    entry = model_index.get(key)
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
+
+
+def _load_folder_encoder(root: Path, model_index: dict[str, Any], suffix: str, clip_skip: int | None,
+                         dtype: torch.dtype | None, penultimate: bool = False) -> TextEncoder:
+    name, tok = f"text_encoder{suffix}", f"tokenizer{suffix}"
+    if not _named(model_index, name):
+        raise ValueError(f"{root / 'model_index.json'} names no {name} (got {model_index.get(name)!r})")
+    if not _named(model_index, tok):
+        raise ValueError(f"{root / 'model_index.json'} names no {tok} for its {name}")
+    class_name = model_index[name][1]
     if class_name not in FOLDER_TEXT_ENCODERS:
         raise ValueError(f"unsupported text encoder class {class_name!r} in model_index.json; "
                          f"supported: {', '.join(FOLDER_TEXT_ENCODERS)}")
-    _check_dirs(root / "text_encoder", root / "tokenizer")
+    _check_dirs(root / name, root / tok)
     kind, extra = FOLDER_TEXT_ENCODERS[class_name]
     kwargs: dict[str, Any] = {"dtype": dtype, **extra}
+    if penultimate:
+        if kind != "clip":
+            raise ValueError(f"{name}: SDXL's text encoders must be CLIP models, not {class_name}")
+        kwargs["penultimate"] = True
     if clip_skip is not None:
         if kind != "clip":
             raise ValueError(f"clip_skip only applies to CLIP text encoders, not {class_name}")
         kwargs["clip_skip"] = clip_skip
-    return _LOADERS[kind](root / "text_encoder", root / "tokenizer", **kwargs)
+    return _LOADERS[kind](root / name, root / tok, **kwargs)
 
 
 # A model folder may name a text encoder whose weights ship in a pip package instead of carrying a

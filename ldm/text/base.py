@@ -64,18 +64,24 @@ class TextEncoder(ABC):
         self.model.to(device=device, dtype=dtype)
         return self
 
-    def save(self, directory: Path) -> None:
-        """Write `<directory>/text_encoder` and `<directory>/tokenizer` in the layout diffusers loads."""
+    def save(self, directory: Path, suffix: str = "") -> None:
+        """Write `<directory>/text_encoder` and `<directory>/tokenizer` in the layout diffusers loads
+        (with `suffix="_2"`: SDXL's second encoder's folders)."""
         directory = Path(directory)
-        self.model.save_pretrained(directory / "text_encoder")
-        self.tokenizer.save_pretrained(directory / "tokenizer")
+        self.model.save_pretrained(directory / f"text_encoder{suffix}")
+        self.tokenizer.save_pretrained(directory / f"tokenizer{suffix}")
 
-    def model_index_entries(self) -> dict[str, list[str]]:
+    def model_index_entries(self, suffix: str = "") -> dict[str, list[str]]:
         """The `text_encoder` / `tokenizer` entries of a diffusers model_index.json for what `save` writes."""
         return {
-            "text_encoder": ["transformers", type(self.model).__name__],
-            "tokenizer": ["transformers", type(self.tokenizer).__name__],
+            f"text_encoder{suffix}": ["transformers", type(self.model).__name__],
+            f"tokenizer{suffix}": ["transformers", type(self.tokenizer).__name__],
         }
+
+    @property
+    def pooled_size(self) -> int | None:
+        """Width of `pooled`, or None for families without one."""
+        return None
 
     def num_chunks(self, prompts: list[str]) -> int:
         """How many 77-token chunks `encode` produces; only CLIP chunks, the others truncate."""

@@ -21,8 +21,11 @@ class ClipTextEncoder(TextEncoder):
     kind = "clip"
 
     def __init__(self, model: CLIPTextModel | CLIPTextModelWithProjection, tokenizer: CLIPTokenizer,
-                 clip_skip: int | None = None) -> None:
+                 clip_skip: int | None = None, penultimate: bool = False) -> None:
         super().__init__(model, tokenizer)
+        # SDXL's convention (diffusers' StableDiffusionXLPipeline, sgm's "penultimate" layer): the states
+        # are the penultimate layer's output, with no final LayerNorm; clip_skip counts back from there.
+        self.penultimate = penultimate
         self.set_clip_skip(clip_skip)
         self.window = set_max_length(tokenizer, None, model.config.max_position_embeddings)
         if self.window < 3:
@@ -30,11 +33,17 @@ class ClipTextEncoder(TextEncoder):
 
     def set_clip_skip(self, clip_skip: int | None) -> None:
         """Use the output of the clip_skip-th layer from the end (diffusers' count; None or 0: the last)."""
-        num_layers = self.model.config.num_hidden_layers
+        num_layers = self.model.config.num_hidden_layers - self.penultimate
         if clip_skip is not None and not 0 <= clip_skip < num_layers:
             raise ValueError(
-                f"clip_skip must be in [0, {num_layers - 1}] for this {num_layers}-layer CLIP, got {clip_skip}")
+                f"clip_skip must be in [0, {num_layers - 1}] for this CLIP, got {clip_skip}")
         self.clip_skip = clip_skip
+
+    @property
+    def pooled_size(self) -> int:
+        if isinstance(self.model, CLIPTextModelWithProjection):
+            return int(self.model.config.projection_dim)
+        return self.hidden_size
 
     @property
     def chunk_tokens(self) -> int:
@@ -65,8 +74,11 @@ class ClipTextEncoder(TextEncoder):
         input_ids = input_ids.to(self.device)
         # The mask only goes in when the config asks for it, exactly like diffusers' encode_prompt.
         attention_mask = mask.to(self.device) if self.use_attention_mask else None
-        out = self.model(input_ids, attention_mask=attention_mask, output_hidden_states=self.clip_skip is not None)
-        if self.clip_skip is None:
+        out = self.model(input_ids, attention_mask=attention_mask,
+                         output_hidden_states=self.clip_skip is not None or self.penultimate)
+        if self.penultimate:
+            states = out.hidden_states[-(2 + (self.clip_skip or 0))]
+        elif self.clip_skip is None:
             states = out.last_hidden_state
         else:
             # hidden_states[-1] is the last layer before final_layer_norm, so clip_skip=0 equals the default,
@@ -102,9 +114,10 @@ class ClipTextEncoder(TextEncoder):
 
 
 def load_clip(model_dir: Path, tokenizer_dir: Path, *, clip_skip: int | None = None,
-              dtype: torch.dtype | None = None, projection: bool = False) -> ClipTextEncoder:
-    """A CLIPTextModel (or CLIPTextModelWithProjection, whose pooled output is the projected one)."""
+              dtype: torch.dtype | None = None, projection: bool = False, penultimate: bool = False) -> ClipTextEncoder:
+    """A CLIPTextModel (or CLIPTextModelWithProjection, whose pooled output is the projected one);
+    `penultimate`: SDXL's states (see ClipTextEncoder)."""
     model_cls = CLIPTextModelWithProjection if projection else CLIPTextModel
     model = from_pretrained_checked(model_cls, model_dir, dtype)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    return ClipTextEncoder(model, tokenizer, clip_skip=clip_skip)
+    return ClipTextEncoder(model, tokenizer, clip_skip=clip_skip, penultimate=penultimate)

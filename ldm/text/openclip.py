@@ -25,6 +25,12 @@ _BLOCK_NAMES = {
     "ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
     "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
 }
+# open_clip tower parameter -> transformers CLIP key below `text_model.`
+_TOWER_NAMES = {
+    "token_embedding.weight": "embeddings.token_embedding.weight",
+    "positional_embedding": "embeddings.position_embedding.weight",
+    "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias",
+}
 
 
 class OpenClipTextEncoder(ClipTextEncoder):
@@ -40,12 +46,8 @@ def openclip_to_clip_state_dict(text_state: dict[str, torch.Tensor]) -> dict[str
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in text_state.items():
-        if key == "token_embedding.weight":
-            out["text_model.embeddings.token_embedding.weight"] = value
-        elif key == "positional_embedding":
-            out["text_model.embeddings.position_embedding.weight"] = value
-        elif key in ("ln_final.weight", "ln_final.bias"):
-            out["text_model.final_layer_norm." + key.split(".")[-1]] = value
+        if key in _TOWER_NAMES:
+            out["text_model." + _TOWER_NAMES[key]] = value
         elif key == "text_projection":
             # open_clip computes x @ P with P [width, dim]; nn.Linear stores the transpose.
             out["text_projection.weight"] = value.T.contiguous()
@@ -67,6 +69,34 @@ def openclip_to_clip_state_dict(text_state: dict[str, torch.Tensor]) -> dict[str
             unknown.append(key)
     if unknown:
         raise ValueError(f"OpenCLIP text weights this converter does not know: {', '.join(sorted(unknown))}")
+    return out
+
+
+def clip_to_openclip_state_dict(clip_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of openclip_to_clip_state_dict: transformers CLIP text keys (with or without the
+    `text_model.` level) back to an OpenCLIP text tower's, q/k/v fused into in_proj, the projection
+    transposed. This is how SDXL single files store the bigG encoder (`conditioner.embedders.1.model.*`)."""
+    block_names = {v: k for k, v in _BLOCK_NAMES.items()}
+    tower_names = {v: k for k, v in _TOWER_NAMES.items()}
+    state = {k.removeprefix("text_model."): v for k, v in clip_state.items()}
+    state.pop("embeddings.position_ids", None)
+    out = {tower_names[k]: state.pop(k) for k in list(state) if k in tower_names}
+    if "text_projection.weight" in state:
+        out["text_projection"] = state.pop("text_projection.weight").T.contiguous()
+    layer_keys = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+    for key in [k for k in state if k.endswith("q_proj.weight") or k.endswith("q_proj.bias")]:
+        m = layer_keys.fullmatch(key)
+        if m is None:
+            break
+        layer, leaf = m.group(1), m.group(3)
+        qkv = [state.pop(f"encoder.layers.{layer}.self_attn.{p}.{leaf}") for p in ("q_proj", "k_proj", "v_proj")]
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{leaf}"] = torch.cat(qkv, dim=0)
+    for key in list(state):
+        m = layer_keys.fullmatch(key)
+        if m is not None and m.group(2) in block_names:
+            out[f"transformer.resblocks.{m.group(1)}.{block_names[m.group(2)]}.{m.group(3)}"] = state.pop(key)
+    if state:
+        raise ValueError(f"CLIP text weights with no OpenCLIP name: {', '.join(sorted(state))}")
     return out
 
 
