@@ -272,3 +272,26 @@ def test_cli_bad_sdxl_input_is_one_line(base_dir, refiner_dir, tmp_path, capsys)
         code, _, err = run(capsys, *argv, "--quiet", "--out", tmp_path / "o.png")
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
         assert err.startswith("error:")
+
+
+def test_clip_skip_matches_diffusers_on_both_encoders(base_dir):
+    ref, parts = reference(base_dir, "euler"), load_model(base_dir, clip_skip=1)
+    want = ref.encode_prompt("a red circle", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False,
+                             clip_skip=1)
+    got = parts.text_encoder.encode(["a red circle"])
+    assert (got.states - want[0]).abs().max().item() <= 1e-5 and (got.pooled - want[2]).abs().max().item() <= 1e-5
+    assert (got.states - load_model(base_dir).text_encoder.encode(["a red circle"]).states).abs().max() > 1e-3
+
+
+def test_long_prompts_chunk_alike_on_both_encoders(base_dir):
+    enc = load_model(base_dir).text_encoder
+    head = "ab " * 37 + "c"  # exactly 75 character tokens: one full chunk
+    long = head + " d" * 10  # and 10 more: a second chunk
+    out = enc.encode([long, "short"])
+    assert enc.num_chunks([head]) == 1 and enc.num_chunks([long]) == 2 and out.states.shape == (2, 2 * 77, 192)
+    alone = enc.encode([head])
+    # A1111: each chunk is encoded on its own, on both encoders, and the pooled vector is the first chunk's
+    # (to rounding: the batch of two runs through other matmul blockings than the prompt alone)
+    assert torch.allclose(out.states[:1, :77], alone.states, atol=1e-6)
+    assert torch.allclose(out.pooled[:1], alone.pooled, atol=1e-6)
+    assert (out.states[:1, 77:] - alone.states).abs().max() > 1e-3
