@@ -74,8 +74,25 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
                        ("crops-coords-top-left", "TOP LEFT")):
         for prefix in ("", "negative-"):
             xl.add_argument(f"--{prefix}{name}", type=int, nargs=2, metavar=tuple(what.split()))
+    hires = p.add_argument_group("hires fix (text-to-image)")
+    hires.add_argument("--hires-scale", type=float, help="generate at the size, then upscale by this and img2img")
+    hires.add_argument("--hires-steps", type=int, help="steps of the second pass (default: --steps)")
+    hires.add_argument("--hires-denoise", type=float, help="denoising strength of the second pass (default 0.7)")
+    hires.add_argument("--hires-upscaler", choices=["latent", "lanczos"], help="default latent")
     xl.add_argument("--aesthetic-score", type=float, help="refiner conditioning (default 6)")
     xl.add_argument("--negative-aesthetic-score", type=float, help="refiner conditioning (default 2.5)")
+
+
+def _inpaint_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inpainting (A1111's controls)")
+    g.add_argument("--strength", type=float, help="denoising strength (default 0.75, as A1111; 1: from pure noise)")
+    g.add_argument("--mask-blur", type=int, metavar="PX", help="Gaussian blur of the mask (default 4; outpaint 8)")
+    g.add_argument("--fill", choices=["original", "latent-noise", "latent-nothing", "fill"],
+                   help="what the masked area starts from (A1111's masked content; default original, outpaint fill)")
+    g.add_argument("--only-masked", action="store_true", default=None,
+                   help="inpaint a crop around the mask at full resolution and paste it back")
+    g.add_argument("--padding", type=int, metavar="PX", help="with --only-masked: pixels around the mask (default 32)")
+    g.add_argument("--invert-mask", action="store_true", default=None, help="repaint where the mask is black")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -97,6 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(i2i)
     i2i.add_argument("--strength", type=float, help="how much of the schedule to run (default 0.8)")
     model_options(i2i)
+    inp = sub.add_parser("inpaint", help="repaint where a mask is white")
+    inp.add_argument("image", type=Path)
+    inp.add_argument("mask", type=Path, help="white = repaint; RGBA/palette masks are converted")
+    _sampling_options(inp)
+    _inpaint_options(inp)
+    model_options(inp)
+    out = sub.add_parser("outpaint", help="grow the canvas and paint the new border")
+    out.add_argument("image", type=Path)
+    _sampling_options(out)
+    for side in ("left", "right", "up", "down"):
+        out.add_argument(f"--{side}", type=int, default=0, metavar="PX")
+    _inpaint_options(out)
+    model_options(out)
     info = sub.add_parser("png-info", help="print a PNG's generation settings as JSON")
     info.add_argument("png", type=Path)
     conv = sub.add_parser("convert", help="diffusers folder <-> single .safetensors file")
@@ -186,19 +216,30 @@ def settings_from_args(args: argparse.Namespace):
     elif args.prompt is None:
         raise ValueError("give a prompt (or --from-png FILE)")
     else:
-        base = GenerationSettings(prompt=args.prompt, strength=0.8 if args.command == "img2img" else None)
+        strength = {"img2img": 0.8, "inpaint": 0.75, "outpaint": 1.0}.get(args.command)
+        base = GenerationSettings(prompt=args.prompt, strength=strength)
+        if args.command == "outpaint":
+            base = replace(base, inpaint_fill="fill", mask_blur=8)
     settings = base.override(
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, sampler=args.sampler, karras=args.karras,
         eta=args.eta, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, seed=args.seed,
         height=args.height, width=args.width, num_images=args.num_images, strength=getattr(args, "strength", None),
         clip_skip=args.clip_skip, step_cache=args.step_cache, loras=lora_refs(args.lora, base.loras),
-        refiner_switch=args.refiner_switch, aesthetic_score=args.aesthetic_score,
+        refiner_switch=args.refiner_switch, aesthetic_score=args.aesthetic_score, hires_scale=args.hires_scale,
+        hires_steps=args.hires_steps, hires_denoise=args.hires_denoise, hires_upscaler=args.hires_upscaler,
+        mask_blur=getattr(args, "mask_blur", None), inpaint_fill=getattr(args, "fill", None),
+        only_masked=getattr(args, "only_masked", None), masked_padding=getattr(args, "padding", None),
+        invert_mask=getattr(args, "invert_mask", None),
         negative_aesthetic_score=args.negative_aesthetic_score,
         **{name: tuple(getattr(args, name)) for name in _XL_PAIR_OPTIONS if getattr(args, name) is not None})
     if args.num_images is not None:  # a new batch size: every image of it is wanted
         settings = replace(settings, batch_pos=None)
     if args.command == "img2img" and settings.strength is None:  # a text-to-image PNG as the start
         settings = replace(settings, strength=0.8)
+    if args.command in ("inpaint", "outpaint"):
+        settings = replace(settings, inpaint=True, strength=0.75 if settings.strength is None else settings.strength)
+    elif settings.inpaint:
+        raise ValueError(f"{args.from_png} was made by inpainting: use `ldm inpaint IMAGE MASK --from-png ...`")
     return settings.validate()
 
 
@@ -212,7 +253,7 @@ def output_paths(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(n)]
 
 
-def _generate(args: argparse.Namespace, image=None) -> None:
+def _generate(args: argparse.Namespace, image=None, mask=None) -> None:
     from ldm.io.png_info import save_png
 
     settings = settings_from_args(args)  # bad settings fail before the (slow) model load
@@ -223,8 +264,8 @@ def _generate(args: argparse.Namespace, image=None) -> None:
     if settings.refiner_hash and pipe.refiner is not None and settings.refiner_hash != pipe.refiner.hash:
         _warn(f"the PNG was made with refiner hash {settings.refiner_hash} ({settings.refiner_name}), "
               f"but {pipe.refiner.name} has {pipe.refiner.hash}; the image will differ")
-    result = pipe.generate(settings, image=image)
-    if image is not None:
+    result = pipe.generate(settings, image=image, mask=mask)
+    if image is not None and mask is None:
         print(f"img2img: ran {result.steps_run} of {settings.steps} steps (strength {settings.strength:g})",
               file=sys.stderr)
     indices = range(len(result.images))
@@ -243,6 +284,24 @@ def cmd_img2img(args: argparse.Namespace) -> None:
     from ldm.pipeline import load_image
 
     _generate(args, load_image(args.image))  # a bad image fails before the model loads
+
+
+def cmd_inpaint(args: argparse.Namespace) -> None:
+    from ldm.inpaint_masks import load_mask
+    from ldm.pipeline import load_image
+
+    _generate(args, load_image(args.image), load_mask(args.mask))  # bad files fail before the model loads
+
+
+def cmd_outpaint(args: argparse.Namespace) -> None:
+    from ldm.inpaint_masks import outpaint_canvas
+    from ldm.pipeline import load_image
+
+    settings_from_args(args)  # bad settings fail before anything else
+    blur = 8 if args.mask_blur is None else args.mask_blur
+    # the VAE factor is the model's; 8 (every SD/SDXL VAE) rounds any of them up to a size they accept
+    canvas, mask = outpaint_canvas(load_image(args.image), args.left, args.right, args.up, args.down, 8, blur)
+    _generate(args, canvas, mask)
 
 
 def cmd_png_info(args: argparse.Namespace) -> None:
@@ -279,7 +338,7 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(write_shapes_dataset(args.out, args.n, seed=args.seed, edit_pairs=args.edit_pairs))
 
 
-COMMANDS = {"generate": cmd_generate, "img2img": cmd_img2img, "png-info": cmd_png_info, "convert": cmd_convert,
+COMMANDS = {"generate": cmd_generate, "img2img": cmd_img2img, "inpaint": cmd_inpaint, "outpaint": cmd_outpaint, "png-info": cmd_png_info, "convert": cmd_convert,
             "data": cmd_data}
 
 

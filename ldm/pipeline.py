@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -27,6 +28,9 @@ from ldm.io.model_files import ModelParts, load_model
 from ldm.sampling.plan import SamplingPlan, add_noise, plan_from, plan_sampling, plan_until
 from ldm.sampling.samplers import sample
 from ldm.settings import GenerationSettings, lora_hash
+from ldm.inpaint_latents import AfterStep, inpaint_start, pixels_of
+from ldm.inpaint_masks import (InpaintMask, composite_arrays, crop_box, fill_masked, load_mask, outpaint_canvas,
+                               prepare_mask)
 from ldm.size_conditioning import time_ids
 from ldm.text import TextEmbedding
 from ldm.fast.step_cache import StepCache
@@ -183,8 +187,11 @@ class Pipeline:
         return build(pos, ids and ids[0]), (build(neg, ids and ids[1]) if neg is not None else None)
 
     def _run_sampler(self, parts: ModelParts, x: torch.Tensor, plan: SamplingPlan, cond: Conditioning,
-                     uncond: Conditioning | None, s: GenerationSettings, generator: torch.Generator) -> torch.Tensor:
+                     uncond: Conditioning | None, s: GenerationSettings, generator: torch.Generator,
+                     after_step: AfterStep | None = None) -> torch.Tensor:
         def unet(x: torch.Tensor, t: torch.Tensor, c: Conditioning) -> torch.Tensor:
+            if c.concat is not None:  # an inpainting U-Net's extra input channels
+                x = torch.cat([x, c.concat.to(x.dtype)], dim=1)
             args = (x.to(self.dtype), t.to(self.device), c.context, c.y)
             return parts.unet(*args) if cache is None else cache(parts.unet, *args)
 
@@ -196,6 +203,8 @@ class Pipeline:
         def on_step(info: dict) -> None:
             if not torch.isfinite(info["denoised"]).all():
                 raise GenerationError(f"the U-Net produced NaN/Inf at step {info['i'] + 1} of {plan.steps}")
+            if after_step is not None:
+                after_step(info["i"], info["x"])
             bar.update(1)
 
         try:
@@ -273,7 +282,7 @@ class Pipeline:
         # the hash goes into the PNG's Lora hashes, so that the file can be checked when read back
         loras = tuple(lora if lora.hash else replace(lora, hash=lora_hash(lora.path)) for lora in settings.loras)
         step_cache = settings.step_cache if settings.step_cache is not None else self.step_cache_interval
-        if self.parts.unet.config.in_channels != self.parts.vae.config.latent_channels:
+        if self.parts.unet.config.in_channels != self.parts.vae.config.latent_channels and not settings.inpaint:
             raise ValueError(f"this is an inpainting model ({self.parts.unet.config.in_channels}-channel U-Net input): "
                              "it cannot generate from text or an image alone")
         if self.parts.requires_aesthetics_score:
@@ -291,9 +300,10 @@ class Pipeline:
 
     # -- public API ----------------------------------------------------------------------------
     def generate(self, settings: GenerationSettings, *, image: Image.Image | str | Path | None = None,
-                 latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 output_type: str = "pil") -> GenerationResult:
-        """Text -> image, or with `image` (and `settings.strength`) image -> image.
+                 mask: Image.Image | str | Path | None = None, latents: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, output_type: str = "pil") -> GenerationResult:
+        """Text -> image; with `image` (and `settings.strength`) image -> image; with `image` and `mask`
+        inpainting (white = repaint; the result is composited over the input through the blurred mask).
 
         `latents` (txt2img) replaces the initial noise; `generator` replaces the seed. The result's
         settings are the ones that ran, so `result.settings.to_infotext()` reproduces the image. (With a
@@ -301,34 +311,104 @@ class Pipeline:
         tells how it was made, but only the same list regenerates it.)"""
         settings.validate()
         image = load_image(image) if image is not None else None
+        masks = None
+        if mask is not None:
+            if image is None:
+                raise ValueError("inpainting needs the input image beside its mask")
+            settings = replace(settings, inpaint=True, strength=1.0 if settings.strength is None else settings.strength)
+            masks = prepare_mask(load_mask(mask), image.size, blur=settings.mask_blur, invert=settings.invert_mask)
         s = self._resolve(settings, image)
         gen, seed = self._generator(s.seed, generator)
+        original, box = image, None
+        if masks is not None:
+            if s.only_masked:  # a crop around the mask, at the generation size, pasted back at the end
+                box = crop_box(masks.hard, s.width, s.height, s.masked_padding)
+                image = image.crop(box).resize((s.width, s.height), Image.LANCZOS)
+                work = masks.hard.crop(box).resize((s.width, s.height), Image.LANCZOS)
+            else:
+                image, work = _at_size(image, s), _at_size(masks.hard, s)
+            work = work.point(lambda v: 255 if v >= 128 else 0)
+            if s.inpaint_fill == "fill":
+                image = fill_masked(image, work)
+            masks_work = InpaintMask(hard=work, soft=masks.soft)
         with ExitStack() as stack:
             clip_skip = stack.enter_context(self._clip_skip(s.clip_skip))
             if s.loras:
                 stack.enter_context(loras_merged(self.parts.unet, [(lora.path, lora.weight) for lora in s.loras]))
-            cond, uncond = self._conditioning(self.parts, s)
-            plan = plan_sampling(self.parts.schedule, s.sampler, s.steps, karras=s.karras, strength=s.strength)
-            refiner_plan = None
-            if self.refiner is not None:
-                total = self.parts.schedule.num_train_timesteps
-                # the refiner's own scheduler over the whole schedule, from the switch on (diffusers' denoising_start)
-                refiner_plan = plan_from(plan_sampling(self.refiner.schedule, s.sampler, s.steps, karras=s.karras),
-                                         s.refiner_switch, self.refiner.schedule.num_train_timesteps)
-                plan = plan_until(plan, s.refiner_switch, total)
-            batch = len(s.prompts) * s.num_images
-            if image is None:
-                x = self._initial_noise(s, batch, latents, gen) * plan.init_noise_sigma
-            else:
-                x = self._noised_image(image, s, batch, plan, gen)
-            out = self._run_sampler(self.parts, x, plan, cond, uncond, s, gen)
-        steps_run, vae = plan.steps, self.parts.vae
+            out, plan, steps_run, vae = self._denoise(s, image, masks_work.hard if masks else None, latents, gen)
+            if s.hires_scale is not None:
+                out, more = self._hires_pass(s, out, gen)
+                steps_run += more
+        s = replace(s, seed=seed, karras=plan.karras, clip_skip=clip_skip)
+        if masks is None or output_type == "latent":
+            return GenerationResult(self._finish(out, output_type, vae), seed, steps_run, s)
+        generated = self._finish(out, "np", vae)
+        images = composite_arrays(generated, original, masks.soft, box)
+        if output_type == "pil":
+            images = [Image.fromarray((im * 255).round().astype("uint8")) for im in images]
+        return GenerationResult(images, seed, steps_run, s)
+
+    def _denoise(self, s: GenerationSettings, image: Image.Image | None, mask: Image.Image | None,
+                 latents: torch.Tensor | None, gen: torch.Generator):
+        """The sampling run(s): base, and the refiner when one is loaded. Returns (latents, plan, steps, vae)."""
+        cond, uncond = self._conditioning(self.parts, s)
+        plan = plan_sampling(self.parts.schedule, s.sampler, s.steps, karras=s.karras, strength=s.strength)
+        refiner_plan = None
+        if self.refiner is not None:
+            if mask is not None:
+                raise ValueError("inpainting with a refiner hand-off is not supported: drop --refiner")
+            # the refiner's own scheduler over the whole schedule, from the switch on (diffusers' denoising_start)
+            refiner_plan = plan_from(plan_sampling(self.refiner.schedule, s.sampler, s.steps, karras=s.karras),
+                                     s.refiner_switch, self.refiner.schedule.num_train_timesteps)
+            plan = plan_until(plan, s.refiner_switch, self.parts.schedule.num_train_timesteps)
+        batch = len(s.prompts) * s.num_images
+        after_step = None
+        if mask is not None:
+            start = inpaint_start(self.parts.vae, lambda px: self._encode(px, gen), image, mask, s.inpaint_fill,
+                                  unet_channels=self.parts.unet.config.in_channels, batch=batch, plan=plan,
+                                  strength=s.strength, generator=gen, device=self.device)
+            x, after_step = start.x, start.after_step
+            if start.concat is not None:
+                cond = replace(cond, concat=start.concat)
+                uncond = None if uncond is None else replace(uncond, concat=start.concat)
+        elif image is None:
+            x = self._initial_noise(s, batch, latents, gen) * plan.init_noise_sigma
+        else:
+            x = self._noised_image(image, s, batch, plan, gen)
+        out = self._run_sampler(self.parts, x, plan, cond, uncond, s, gen, after_step)
+        steps, vae = plan.steps, self.parts.vae
         if refiner_plan is not None:
             cond, uncond = self._conditioning(self.refiner, s)
             out = self._run_sampler(self.refiner, out, refiner_plan, cond, uncond, s, gen)
-            steps_run, vae = steps_run + refiner_plan.steps, self.refiner.vae
-        s = replace(s, seed=seed, karras=plan.karras, clip_skip=clip_skip)
-        return GenerationResult(self._finish(out, output_type, vae), seed, steps_run, s)
+            steps, vae = steps + refiner_plan.steps, self.refiner.vae
+        return out, plan, steps, vae
+
+    def _hires_pass(self, s: GenerationSettings, latents: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+        """A1111's hires fix: upscale the first pass (its latents, or its pixels with Lanczos), then img2img
+        at the larger size, as StableDiffusionImg2ImgPipeline does on that upscaled input."""
+        f = self.vae_scale_factor
+        width, height = int(s.width * s.hires_scale) // f * f, int(s.height * s.hires_scale) // f * f
+        big = replace(s, width=width, height=height)
+        plan = plan_sampling(self.parts.schedule, s.sampler, s.hires_steps or s.steps, karras=s.karras,
+                             strength=s.hires_denoise)
+        with torch.inference_mode():
+            if s.hires_upscaler == "latent":  # A1111's "Latent": bilinear on the latents, no antialiasing
+                init = F.interpolate(latents, size=(height // f, width // f), mode="bilinear", antialias=False)
+            else:
+                pixels = [Image.fromarray((im * 255).round().astype("uint8")).resize((width, height), Image.LANCZOS)
+                          for im in self.decode(latents).permute(0, 2, 3, 1).cpu().numpy()]
+                init = torch.cat([self._encode(pixels_of(p), gen) for p in pixels])
+        noise = torch.randn(init.shape, generator=gen, dtype=torch.float32).to(self.device)
+        cond, uncond = self._conditioning(self.parts, big)
+        out = self._run_sampler(self.parts, add_noise(init, noise, plan), plan, cond, uncond, big, gen)
+        return out, plan.steps
+
+    def _encode(self, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled latents: a sample of the posterior, drawn from `gen` as diffusers does."""
+        with torch.inference_mode():
+            posterior = encode_images(self.parts.vae, pixels.to(self.device, self.dtype), self.vae_tiling,
+                                      self.vae_slicing)
+            return self.parts.vae.scale_latents(posterior.sample(gen).float())
 
     def _initial_noise(self, s: GenerationSettings, batch: int, latents: torch.Tensor | None,
                        gen: torch.Generator) -> torch.Tensor:
@@ -342,14 +422,7 @@ class Pipeline:
 
     def _noised_image(self, image: Image.Image, s: GenerationSettings, batch: int, plan: SamplingPlan,
                       gen: torch.Generator) -> torch.Tensor:
-        if image.size != (s.width, s.height):
-            image = image.resize((s.width, s.height), Image.LANCZOS)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] * 2 - 1
-        with torch.inference_mode():
-            posterior = encode_images(self.parts.vae, pixels.to(self.device, self.dtype), self.vae_tiling,
-                                      self.vae_slicing)
-            init = self.parts.vae.scale_latents(posterior.sample(gen).float())
-        init = init.repeat(batch, 1, 1, 1)
+        init = self._encode(pixels_of(_at_size(image, s)), gen).repeat(batch, 1, 1, 1)
         noise = torch.randn(init.shape, generator=gen, dtype=torch.float32).to(self.device)
         return add_noise(init, noise, plan)
 
@@ -379,6 +452,32 @@ class Pipeline:
         return self.generate(settings, image=image, generator=generator, output_type=output_type)
 
 
+    def inpaint(self, image: Image.Image | str | Path, mask: Image.Image | str | Path, prompt: str | list[str],
+                strength: float = 1.0, negative_prompt: str | list[str] | None = None, num_inference_steps: int = 25,
+                guidance_scale: float = 7.5, sampler: str = "dpmpp_2m", height: int | None = None,
+                width: int | None = None, seed: int | None = None, num_images_per_prompt: int = 1,
+                output_type: str = "pil", karras: bool | None = None, eta: float = 0.0,
+                guidance_rescale: float = 0.0, generator: torch.Generator | None = None, **options) -> GenerationResult:
+        """Repaint where `mask` is white (diffusers' StableDiffusionInpaintPipeline, and A1111's controls:
+        mask_blur=4, inpaint_fill, only_masked, masked_padding, invert_mask). Outside the blurred mask the
+        result keeps the input's pixels. strength=1 starts from pure noise."""
+        settings = _from_keywords(prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, height, width,
+                                  seed, num_images_per_prompt, karras, eta, guidance_rescale, strength, **options)
+        return self.generate(settings, image=image, mask=mask, generator=generator, output_type=output_type)
+
+    def outpaint(self, image: Image.Image | str | Path, prompt: str | list[str], *, left: int = 0, right: int = 0,
+                 up: int = 0, down: int = 0, inpaint_fill: str = "fill", mask_blur: int = 8,
+                 **keywords) -> GenerationResult:
+        """Grow the canvas by the given pixels (to a multiple of the VAE factor), fill the new border as
+        `inpaint_fill` says, and inpaint it, the mask reaching `mask_blur` pixels into the original for a soft seam."""
+        canvas, mask = outpaint_canvas(load_image(image), left, right, up, down, self.vae_scale_factor, mask_blur)
+        return self.inpaint(canvas, mask, prompt, inpaint_fill=inpaint_fill, mask_blur=mask_blur, **keywords)
+
+def _at_size(image: Image.Image, s: GenerationSettings) -> Image.Image:
+    """The image resized to the generation size (Lanczos, as diffusers' image processor)."""
+    return image if image.size == (s.width, s.height) else image.resize((s.width, s.height), Image.LANCZOS)
+
+
 def _from_keywords(prompt: str | list[str], negative_prompt: str | list[str] | None, steps: int, guidance_scale: float,
                    sampler: str, height: int | None, width: int | None, seed: int | None, num_images: int,
                    karras: bool | None, eta: float, guidance_rescale: float,
@@ -398,18 +497,19 @@ def _from_keywords(prompt: str | list[str], negative_prompt: str | list[str] | N
         prompt=prompt, negative_prompt="" if negative_prompt is None else negative_prompt, width=width or None,
         height=height or None, steps=steps, sampler=sampler, karras=karras, guidance_scale=guidance_scale,
         guidance_rescale=guidance_rescale, eta=eta, seed=seed, strength=strength, num_images=num_images,
-        **_sdxl_keywords(sdxl))
+        **_settings_keywords(sdxl))
 
 
-_SDXL_KEYWORDS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
-                  "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
-                  "negative_aesthetic_score", "refiner_switch")
+_PAIR_KEYWORDS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                  "negative_crops_coords_top_left", "negative_target_size")
+# settings fields that the keyword entries pass through by name: SDXL's, inpainting's and the hires fix's
+_SETTINGS_KEYWORDS = (*_PAIR_KEYWORDS, "aesthetic_score", "negative_aesthetic_score", "refiner_switch", "mask_blur",
+                      "inpaint_fill", "only_masked", "masked_padding", "invert_mask", "hires_scale", "hires_steps",
+                      "hires_denoise", "hires_upscaler")
 
 
-def _sdxl_keywords(given: dict) -> dict:
-    unknown = sorted(set(given) - set(_SDXL_KEYWORDS))
+def _settings_keywords(given: dict) -> dict:
+    unknown = sorted(set(given) - set(_SETTINGS_KEYWORDS))
     if unknown:
         raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
-    pairs = {k: tuple(v) for k, v in given.items() if v is not None and k not in
-             ("aesthetic_score", "negative_aesthetic_score", "refiner_switch")}
-    return {**{k: v for k, v in given.items() if v is not None}, **pairs}
+    return {k: tuple(v) if k in _PAIR_KEYWORDS else v for k, v in given.items() if v is not None}

@@ -16,6 +16,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ldm.inpaint_masks import A1111_FILL_NAMES, FILL_MODES
 from ldm.io.png_info import format_infotext, parse_infotext
 from ldm.io.weights import file_sha256
 from ldm.sampling.plan import SAMPLER_NAMES
@@ -29,6 +30,8 @@ _NOT_IN_LORA_NAMES = ":,<>\n"  # they would break the <lora:name:w> tag or the L
 _XL_PAIRS = {"original_size": "Original size", "crops_coords_top_left": "Crop top left", "target_size": "Target size",
              "negative_original_size": "Negative original size",
              "negative_crops_coords_top_left": "Negative crop top left", "negative_target_size": "Negative target size"}
+HIRES_UPSCALERS = ("latent", "lanczos")
+_HIRES_A1111 = {"latent": "Latent", "lanczos": "Lanczos"}
 _REFINER = re.compile(r"(.*?) \[([0-9a-fA-F]*)\]")  # A1111: "Refiner: name [hash]"
 
 
@@ -143,6 +146,18 @@ class GenerationSettings:
     refiner_switch: float | None = None
     refiner_name: str | None = None
     refiner_hash: str | None = None
+    # inpainting (set by the pipeline when a mask is given), with A1111's controls and defaults
+    inpaint: bool = False
+    mask_blur: int = 4
+    inpaint_fill: str = "original"  # A1111's "Masked content": original, fill, latent-noise, latent-nothing
+    only_masked: bool = False  # inpaint a crop around the mask at full resolution, pasted back
+    masked_padding: int = 32
+    invert_mask: bool = False
+    # hires fix: generate at the size, upscale by hires_scale, then img2img at hires_denoise
+    hires_scale: float | None = None
+    hires_steps: int | None = None  # None: as many as `steps`
+    hires_denoise: float = 0.7
+    hires_upscaler: str = "latent"  # or "lanczos" (decode, resize the pixels, encode again)
 
     @property
     def prompts(self) -> list[str]:
@@ -209,6 +224,23 @@ class GenerationSettings:
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.refiner_switch is not None and not 0.0 < self.refiner_switch < 1.0:
             raise ValueError(f"refiner switch must be in (0, 1), got {self.refiner_switch}")
+        if not _is_int(self.mask_blur) or self.mask_blur < 0:
+            raise ValueError(f"mask blur must be an integer >= 0 pixels, got {self.mask_blur!r}")
+        if self.inpaint_fill not in FILL_MODES:
+            raise ValueError(f"unknown masked-content fill {self.inpaint_fill!r} (choose from {', '.join(FILL_MODES)})")
+        if not _is_int(self.masked_padding) or self.masked_padding < 0:
+            raise ValueError(f"masked-area padding must be an integer >= 0 pixels, got {self.masked_padding!r}")
+        if self.hires_scale is not None:
+            if not (math.isfinite(self.hires_scale) and 1.0 <= self.hires_scale <= 8.0):
+                raise ValueError(f"hires scale must be in [1, 8], got {self.hires_scale}")
+            if self.strength is not None or self.inpaint:
+                raise ValueError("hires fix applies to text-to-image only")
+        if self.hires_steps is not None and (not _is_int(self.hires_steps) or self.hires_steps < 1):
+            raise ValueError(f"hires steps must be an integer >= 1, got {self.hires_steps!r}")
+        if not 0.0 < self.hires_denoise <= 1.0:
+            raise ValueError(f"hires denoising strength must be in (0, 1], got {self.hires_denoise}")
+        if self.hires_upscaler not in HIRES_UPSCALERS:
+            raise ValueError(f"unknown hires upscaler {self.hires_upscaler!r} (choose from {', '.join(HIRES_UPSCALERS)})")
         return self
 
     # -- A1111 infotext ------------------------------------------------------------------------
@@ -251,6 +283,21 @@ class GenerationSettings:
         if self.refiner_switch is not None:
             fields["Refiner"] = f"{self.refiner_name or ''} [{self.refiner_hash or ''}]"
             fields["Refiner switch at"] = _number(self.refiner_switch)
+        if self.inpaint:  # A1111's img2img-inpaint fields
+            fields["Mask blur"] = str(self.mask_blur)
+            if self.inpaint_fill != "original":
+                fields["Masked content"] = A1111_FILL_NAMES[self.inpaint_fill]
+            if self.only_masked:
+                fields["Inpaint area"] = "Only masked"
+                fields["Masked area padding"] = str(self.masked_padding)
+            if self.invert_mask:
+                fields["Mask mode"] = "Inpaint not masked"
+        if self.hires_scale is not None:  # A1111's hires-fix fields; its Denoising strength is the second pass's
+            fields["Denoising strength"] = _number(self.hires_denoise)
+            fields["Hires upscale"] = _number(self.hires_scale)
+            if self.hires_steps is not None:
+                fields["Hires steps"] = str(self.hires_steps)
+            fields["Hires upscaler"] = _HIRES_A1111[self.hires_upscaler]
         prompt = self.prompts[0]
         if self.loras:
             # as A1111 writes them: tags in the prompt (removed before encoding), hashes in a field
@@ -292,20 +339,34 @@ class GenerationSettings:
         batch = get("Batch size", int, 1)
         xl = {name: get(key, lambda text: _size(text)[::-1]) for name, key in _XL_PAIRS.items() if key in fields}
         refiner = _REFINER.fullmatch(fields.get("Refiner", "")) if "Refiner" in fields else None
+        hires = get("Hires upscale", float)
+        strength = get("Denoising strength", float)
+        fill = {v: k for k, v in A1111_FILL_NAMES.items()}.get(fields.get("Masked content", "original"))
+        if fill is None:
+            raise ValueError(f"the PNG's 'Masked content' field does not parse: {fields['Masked content']!r}")
+        upscaler = {v: k for k, v in _HIRES_A1111.items()}.get(fields.get("Hires upscaler", "Latent"))
+        if upscaler is None:
+            raise ValueError(f"the PNG's hires upscaler {fields['Hires upscaler']!r} is not one ldm has "
+                             f"({', '.join(_HIRES_A1111.values())})")
         if "Refiner" in fields and refiner is None:
             raise ValueError(f"the PNG's 'Refiner' field does not parse: {fields['Refiner']!r}")
         return cls(
             prompt=prompt, negative_prompt=negative, width=width, height=height, steps=get("Steps", int),
             sampler=_SAMPLERS_BY_A1111_NAME[sampler_name], karras=karras,
             guidance_scale=get("CFG scale", float, 7.0), guidance_rescale=get("CFG Rescale phi", float, 0.0),
-            eta=get("Eta DDIM", float, 0.0), seed=get("Seed", int), strength=get("Denoising strength", float),
+            eta=get("Eta DDIM", float, 0.0), seed=get("Seed", int), strength=None if hires else strength,
             num_images=batch, loras=tuple(loras), clip_skip=None if clip_skip is None else clip_skip - 1,
             step_cache=get("Step cache", int), model_name=fields.get("Model"), model_hash=fields.get("Model hash"),
             batch_pos=get("Batch pos", int) if batch > 1 else None, **xl,
             aesthetic_score=get("Aesthetic score", float, 6.0),
             negative_aesthetic_score=get("Negative aesthetic score", float, 2.5),
             refiner_switch=get("Refiner switch at", float), refiner_name=refiner.group(1) or None if refiner else None,
-            refiner_hash=refiner.group(2) or None if refiner else None)
+            refiner_hash=refiner.group(2) or None if refiner else None,
+            inpaint="Mask blur" in fields, mask_blur=get("Mask blur", int, 4), inpaint_fill=fill,
+            only_masked=fields.get("Inpaint area") == "Only masked", masked_padding=get("Masked area padding", int, 32),
+            invert_mask=fields.get("Mask mode") == "Inpaint not masked", hires_scale=hires,
+            hires_steps=get("Hires steps", int) or None, hires_denoise=strength if hires and strength else 0.7,
+            hires_upscaler=upscaler)
 
     # -- JSON (ldm png-info) -------------------------------------------------------------------
     def to_dict(self) -> dict:

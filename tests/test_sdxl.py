@@ -12,7 +12,7 @@ from ldm.io.diffusers_config import unet_config_from_diffusers
 from ldm.io.model_files import load_model, save_single_file
 from ldm.models.unet import UNet
 from ldm.pipeline import Pipeline
-from tiny import TINY_XL_POOLED, tiny_xl_unet, write_tiny_sdxl_folder
+from tiny import TINY_XL_POOLED, diffusers_with_scheduler, tiny_xl_unet, write_tiny_sdxl_folder
 
 LATENT_TOL = 1e-4
 PIXEL_TOL = 2 / 255
@@ -31,12 +31,7 @@ def refiner_dir(tmp_path_factory):
 
 
 def reference(folder, sampler, cls_name="StableDiffusionXLPipeline"):
-    import diffusers
-
-    pipe = getattr(diffusers, cls_name).from_pretrained(folder)
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[sampler]).from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_with_scheduler(cls_name, folder, SCHEDULERS[sampler])
 
 
 def ours(folder, **kw):

@@ -42,14 +42,15 @@ def tiny_clip_text_model(vocab_size: int, seed: int = 0, hidden_size: int = TINY
     return CLIPTextModel(cfg).eval()
 
 
-def tiny_unet(variant: str = "sd1", seed: int = 0, cross_attention_dim: int = TINY_TEXT_DIM):
-    """SD1-style (conv projections, one head count) or SD2-style (linear projections, per-level heads)."""
+def tiny_unet(variant: str = "sd1", seed: int = 0, cross_attention_dim: int = TINY_TEXT_DIM, in_channels: int = 4):
+    """SD1-style (conv projections, one head count) or SD2-style (linear projections, per-level heads);
+    in_channels=9: an inpainting U-Net (latents + mask + masked-image latents)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     sd2 = variant == "sd2"
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4,
+        sample_size=16, in_channels=in_channels, out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -74,7 +75,7 @@ def tiny_vae(seed: int = 0):
 
 
 def write_tiny_sd_folder(out: Path, variant: str = "sd1", prediction_type: str = "epsilon",
-                         timestep_spacing: str = "leading", seed: int = 0) -> Path:
+                         timestep_spacing: str = "leading", seed: int = 0, in_channels: int = 4) -> Path:
     """A complete diffusers-format folder, saved by diffusers itself."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
@@ -88,7 +89,7 @@ def write_tiny_sd_folder(out: Path, variant: str = "sd1", prediction_type: str =
         timestep_spacing=timestep_spacing,
     )
     pipe = StableDiffusionPipeline(
-        unet=tiny_unet(variant, seed), vae=tiny_vae(seed + 1),
+        unet=tiny_unet(variant, seed, in_channels=in_channels), vae=tiny_vae(seed + 1),
         text_encoder=tiny_clip_text_model(len(tokenizer), seed + 2), tokenizer=tokenizer,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
@@ -182,3 +183,13 @@ def write_tiny_sdxl_folder(out: Path, refiner: bool = False, seed: int = 0) -> P
             unet=unet, scheduler=scheduler)
     pipe.save_pretrained(out)
     return out
+
+
+def diffusers_with_scheduler(cls_name: str, folder, scheduler: str, **load):
+    """diffusers' pipeline `cls_name` from `folder`, its scheduler swapped for `scheduler`, quiet."""
+    import diffusers
+
+    pipe = getattr(diffusers, cls_name).from_pretrained(folder, **load)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

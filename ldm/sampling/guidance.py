@@ -14,13 +14,14 @@ class Conditioning:
     """What the U-Net is conditioned on besides x and t, for a batch of B."""
     context: torch.Tensor  # [B, L, D] text states for cross-attention
     y: torch.Tensor | None = None  # [B, F] SDXL's added vector: pooled text and embedded size ids
+    concat: torch.Tensor | None = None  # [B, C, h, w] extra U-Net input channels: an inpainting model's mask + masked image
 
     @property
     def batch(self) -> int:
         return self.context.shape[0]
 
     def check_like(self, other: Conditioning) -> None:
-        for name in ("context", "y"):
+        for name in ("context", "y", "concat"):
             a, b = getattr(self, name), getattr(other, name)
             if (a is None) != (b is None) or (a is not None and a.shape != b.shape):
                 shape = lambda t: None if t is None else tuple(t.shape)  # noqa: E731
@@ -28,8 +29,9 @@ class Conditioning:
 
     @staticmethod
     def cat(parts: list[Conditioning]) -> Conditioning:
-        y = None if parts[0].y is None else torch.cat([p.y for p in parts])
-        return Conditioning(torch.cat([p.context for p in parts]), y)
+        def cat(name: str) -> torch.Tensor | None:
+            return None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+        return Conditioning(cat("context"), cat("y"), cat("concat"))
 
 
 # (x, t, conditioning) -> raw model output
