@@ -120,5 +120,5 @@ def test_apply_lora_refuses_mismatched_files(tmp_path):
         apply_lora(unet, tmp_path / "other.safetensors")
     write_safetensors(tmp_path / "missing.safetensors", {"unet.nope.lora_A.weight": torch.zeros(2, 4),
                                                          "unet.nope.lora_B.weight": torch.zeros(4, 2)})
-    with pytest.raises(CheckpointError, match="'nope' is not a linear layer"):
+    with pytest.raises(CheckpointError, match="none of its 1 LoRA layers matches"):
         apply_lora(unet, tmp_path / "missing.safetensors")

@@ -30,6 +30,9 @@ class TextEncoder(ABC):
 
     kind: ClassVar[str]
     clip_skip: int | None = None  # only CLIP encoders can skip layers (ClipTextEncoder.set_clip_skip)
+    # whether encode() takes emphasis= and embeddings= (A1111's prompt syntax, textual inversion);
+    # the other families encode the text as written
+    prompt_syntax: ClassVar[bool] = False
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         model.eval()
