@@ -125,8 +125,6 @@ def file_sha256(path: Path) -> str:
 
 def folder_option(given: Path | str | None, env_var: str, what: str) -> Path | None:
     """A folder option: the one given, else the environment variable's, else None; it must exist."""
-    import os
-
     folder = given if given is not None else os.environ.get(env_var) or None
     if folder is None:
         return None
