@@ -8,7 +8,6 @@ diffusers' image on any device.
 from __future__ import annotations
 
 import functools
-import logging
 import operator
 import secrets
 from contextlib import ExitStack, contextmanager
@@ -24,17 +23,14 @@ from ldm.fast.attention import configure_attention
 from ldm.fast.conv_paths import configure_convolutions
 from ldm.sampling.denoiser import make_denoiser
 from ldm.sampling.guidance import classifier_free_guidance
-from ldm.io.embeddings import embeddings_dir, embeddings_in
-from ldm.io.lora import find_lora, lora_dir, loras_merged
+from ldm.assets import prompt_embeddings, take_lora_tags
+from ldm.io.lora import loras_merged
 from ldm.io.model_files import ModelParts, load_model
 from ldm.sampling.plan import SamplingPlan, add_noise, plan_sampling
 from ldm.sampling.samplers import sample
-from ldm.settings import EmbeddingRef, GenerationSettings, LoraRef, lora_hash, split_lora_tags
+from ldm.settings import GenerationSettings, lora_hash
 from ldm.fast.step_cache import StepCache
 from ldm.fast.vae_tiling import VaeTiling, decode_latents, encode_images
-
-
-logger = logging.getLogger(__name__)
 
 
 class GenerationError(RuntimeError):
@@ -244,7 +240,7 @@ class Pipeline:
                 raise ValueError("img2img needs a strength in (0, 1]")
             # like diffusers' VaeImageProcessor: round down to the VAE factor unless a size is given
             width, height = settings.width or image.width // f * f, settings.height or image.height // f * f
-        settings = self._take_lora_tags(settings)
+        settings = take_lora_tags(settings, self.lora_dir)
         for lora in settings.loras:
             if lora.path is None:
                 raise ValueError(f"LoRA '{lora.name}': no file given for it")
@@ -253,37 +249,6 @@ class Pipeline:
         step_cache = settings.step_cache if settings.step_cache is not None else self.step_cache_interval
         return replace(settings, width=width, height=height, step_cache=step_cache, loras=loras,
                        model_name=self.parts.name, model_hash=self.parts.hash).validate(f)
-
-    def _take_lora_tags(self, settings: GenerationSettings) -> GenerationSettings:
-        """A1111's `<lora:name:w>` tags cut out of the prompts, each a LoRA found in the LoRA folder."""
-        prompts, tags = [], {}
-        for prompt in settings.prompts:
-            text, found = split_lora_tags(prompt)
-            prompts.append(text)
-            for name, weight in found:
-                if tags.setdefault(name, weight) != weight:
-                    raise ValueError(f"the prompts give LoRA '{name}' two weights ({tags[name]:g} and {weight:g})")
-        if not tags:
-            return settings
-        folder = lora_dir(self.lora_dir)
-        loras = settings.loras + tuple(LoraRef.from_file(find_lora(name, folder), w) for name, w in tags.items())
-        prompt = prompts[0] if isinstance(settings.prompt, str) else prompts
-        return replace(settings, prompt=prompt, loras=loras)
-
-    def _embeddings(self, s: GenerationSettings) -> tuple[GenerationSettings, dict[str, torch.Tensor]]:
-        """The textual-inversion embeddings the prompts and negative prompts name, as the settings
-        record them (`TI hashes`) and as the text encoder takes them."""
-        found = embeddings_in(embeddings_dir(self.embeddings_dir), s.prompts + s.negative_prompts)
-        if found and not self.parts.text_encoder.prompt_syntax:
-            raise ValueError(f"embedding '{found[0].name}': textual inversion needs a CLIP text encoder, "
-                             f"this model's is {self.parts.text_encoder.kind}")
-        recorded = {e.name: e.hash for e in s.embeddings}
-        for e in found:
-            if recorded.get(e.name) and recorded[e.name] != e.hash:
-                logger.warning("embedding %s: its hash %s is not the PNG's %s; the image will differ",
-                               e.name, e.hash, recorded[e.name])
-        refs = tuple(EmbeddingRef(e.name, e.hash) for e in found)
-        return replace(s, embeddings=refs), {e.name: e.for_encoder() for e in found}
 
     def lora_targets(self) -> dict[str, torch.nn.Module]:
         """What a LoRA file may change: the U-Net and the text encoder's transformer."""
@@ -302,7 +267,7 @@ class Pipeline:
         settings.validate()
         image = load_image(image) if image is not None else None
         s = self._resolve(settings, image)
-        s, embeddings = self._embeddings(s)
+        s, embeddings = prompt_embeddings(s, self.embeddings_dir, self.parts.text_encoder)
         gen, seed = self._generator(s.seed, generator)
         with ExitStack() as stack:
             clip_skip = stack.enter_context(self._clip_skip(s.clip_skip))
