@@ -44,10 +44,12 @@ def prompt_embeddings(settings: GenerationSettings, folder: Path | None,
     if found and not encoder.prompt_syntax:
         raise ValueError(f"embedding '{found[0].name}': textual inversion needs a CLIP text encoder, "
                          f"this model's is {encoder.kind}")
-    recorded = {e.name: e.hash for e in settings.embeddings}
+    recorded = {e.name: e.hash for e in settings.embeddings}  # from a PNG's TI hashes
     for e in found:
         if recorded.get(e.name) and recorded[e.name] != e.hash:
             logger.warning("embedding %s: its hash %s is not the PNG's %s; the image will differ",
                            e.name, e.hash, recorded[e.name])
+    for name in sorted(set(recorded) - {e.name for e in found}):
+        logger.warning("the PNG used embedding %s, which is not in the embeddings folder; the image will differ", name)
     refs = tuple(EmbeddingRef(e.name, e.hash) for e in found)
     return replace(settings, embeddings=refs), {e.name: e.for_encoder() for e in found}

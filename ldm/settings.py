@@ -27,6 +27,8 @@ _SAMPLERS_BY_A1111_NAME = {v: k for k, v in A1111_SAMPLER_NAMES.items()}
 A1111_EMPHASIS_NAMES = {"original": "Original", "no-norm": "No norm", "none": "None"}
 _EMPHASIS_BY_A1111_NAME = {v: k for k, v in A1111_EMPHASIS_NAMES.items()}
 _LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]+)>")
+# in a prompt A1111 also takes <lora:name> (weight 1) and <lora:name:te:unet> (two weights)
+_PROMPT_LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
 _NOT_IN_LORA_NAMES = ":,<>\n"  # they would break the <lora:name:w> tag or the Lora hashes list
 
 
@@ -69,17 +71,27 @@ class EmbeddingRef:
 def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     """The prompt without A1111's `<lora:name:weight>` tags, and the (name, weight) of each, in order.
     The tags are cut out as A1111 does before encoding; a prompt without any comes back unchanged."""
-    tags = list(_LORA_TAG.finditer(prompt))
+    tags = list(_PROMPT_LORA_TAG.finditer(prompt))
     if not tags:
         return prompt, []
-    return _LORA_TAG.sub("", prompt).strip(), [(t.group(1).strip(), _lora_weight(t, "prompt's")) for t in tags]
+    found = []
+    for tag in tags:
+        weights = tag.group(2).split(":")[1:] or ["1"]
+        if len(weights) > 1:
+            raise ValueError(f"the prompt's LoRA tag {tag.group(0)}: separate text-encoder and U-Net weights are "
+                             "not supported; give one weight")
+        try:
+            found.append((tag.group(1).strip(), float(weights[0])))
+        except ValueError:
+            raise ValueError(f"the prompt's LoRA tag {tag.group(0)} has no numeric weight") from None
+    return _PROMPT_LORA_TAG.sub("", prompt).strip(), found
 
 
-def _lora_weight(tag: re.Match, where: str = "PNG's") -> float:
+def _lora_weight(tag: re.Match) -> float:
     try:
         return float(tag.group(2))
     except ValueError:
-        raise ValueError(f"the {where} LoRA tag {tag.group(0)} has no numeric weight") from None
+        raise ValueError(f"the PNG's LoRA tag {tag.group(0)} has no numeric weight") from None
 
 
 def _take_lora_tags(prompt: str, hashes: dict[str, str | None]) -> tuple[str, tuple[LoraRef, ...]]:

@@ -79,3 +79,26 @@ def test_missing_lora_tag(generate, tmp_path, capsys):
     assert "no missing.safetensors in" in one_error(capsys, [*tagged, "--lora-dir", tmp_path / "loras"])
     assert "no LoRA folder" in one_error(capsys, tagged)
     assert "does not exist" in one_error(capsys, [*tagged, "--lora-dir", tmp_path / "nowhere"])
+
+
+class NotData:
+    """Stands for any object a pickle could name: the restricted unpickler must refuse to build it."""
+
+
+def test_embedding_pickle_that_names_a_class_is_refused(generate, tmp_path, capsys):
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    torch.save({"string_to_param": {"*": torch.zeros(1, 32)}, "payload": NotData()}, folder / "evil.pt")
+    message = one_error(capsys, [generate[0], "an evil cat", *generate[2:], "--embeddings-dir", folder])
+    assert "evil.pt: refused or unreadable embedding file" in message
+
+
+def test_prompt_lora_tag_forms():
+    from ldm.settings import split_lora_tags
+
+    assert split_lora_tags("a cat") == ("a cat", [])
+    assert split_lora_tags("a <lora:x> cat <lora:y:0.5>") == ("a  cat", [("x", 1.0), ("y", 0.5)])
+    with pytest.raises(ValueError, match="separate text-encoder and U-Net weights"):
+        split_lora_tags("<lora:x:0.5:1>")
+    with pytest.raises(ValueError, match="no numeric weight"):
+        split_lora_tags("<lora:x:strong>")

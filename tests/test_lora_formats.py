@@ -246,3 +246,17 @@ def test_two_loras_at_once_apply_unapply_apply(model, kohya_file, tmp_path):
     assert np.array_equal(images[1], images[2]) and np.abs(images[1] - images[0]).max() > 1e-3
     assert np.abs(images[1] - one).max() > 1e-4  # the second LoRA counts
     assert np.array_equal(pipe.generate(s, output_type="np").images, images[0])
+
+
+def test_old_kohya_text_encoder_prefix_equals_te1(model, kohya_file, tmp_path):
+    """SD1 files from kohya's sd-scripts name the text encoder `lora_te_`; diffusers' converter writes `lora_te1_`."""
+    state = read_safetensors(kohya_file)[0]
+    old = {k.replace("lora_te1_", "lora_te_"): v.clone() for k, v in state.items()}
+    assert any(k.startswith("lora_te_") for k in old)
+    write_safetensors(tmp_path / "old.safetensors", old)
+    merged = []
+    for path in (kohya_file, tmp_path / "old.safetensors"):
+        parts = load_model(model)
+        apply_lora({"unet": parts.unet, "text_encoder": parts.text_encoder.model}, path, 1.0)
+        merged.append(parts.text_encoder.model.state_dict()[f"{TE_Q}.weight"])
+    assert torch.equal(merged[0], merged[1])
