@@ -20,7 +20,13 @@ def model_options(p: argparse.ArgumentParser) -> None:
                         "the PNG's 'Clip skip' is A1111's, one more)")
     p.add_argument("--refiner", help="SDXL refiner (folder or file) that takes over at --refiner-switch")
     p.add_argument("--lora", type=_lora_option, action="append", default=[], metavar="FILE[:WEIGHT]",
-                   help="apply a LoRA file to the U-Net (repeatable; weight 1, or the PNG's with --from-png)")
+                   help="apply a LoRA file (kohya, LyCORIS or diffusers layout) to the U-Net and text encoder "
+                        "(repeatable; weight 1, or the PNG's with --from-png)")
+    p.add_argument("--lora-dir", type=Path, metavar="DIR",
+                   help="where <lora:name:weight> prompt tags and a PNG's LoRAs are found (default $LDM_LORA_DIR)")
+    p.add_argument("--embeddings-dir", type=Path, metavar="DIR",
+                   help="textual-inversion embeddings; a file's stem in the prompt triggers it "
+                        "(default $LDM_EMBEDDINGS_DIR)")
     perf = p.add_argument_group("speed and memory (opt-in)")
     perf.add_argument("--vae-tiling", action="store_true", help="decode/encode large images in overlapping tiles")
     perf.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
@@ -61,6 +67,9 @@ def _sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, help="DDIM eta")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--guidance-rescale", type=float)
+    p.add_argument("--emphasis", choices=["original", "no-norm", "none"],
+                   help="A1111 prompt weighting: (word:1.2) with the mean restored (original, the default), "
+                        "without (no-norm), or the text as written (none)")
     p.add_argument("--seed", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
@@ -172,6 +181,7 @@ def load_pipeline(args: argparse.Namespace):
     pipe.optimize(channels_last=args.channels_last, fuse_qkv=args.fuse_qkv, compile=args.compile,
                   winograd=args.winograd, im2col=args.im2col)
     pipe.progress = not args.quiet
+    pipe.lora_dir, pipe.embeddings_dir = args.lora_dir, args.embeddings_dir
     return pipe
 
 
@@ -179,8 +189,10 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def lora_refs(given: list[tuple[Path, float | None]], recorded: tuple) -> tuple:
-    """The LoRAs to apply: the PNG's (each needs its file among --lora, matched by name) and the rest given."""
+def lora_refs(given: list[tuple[Path, float | None]], recorded: tuple, folder: Path | None = None) -> tuple:
+    """The LoRAs to apply: the PNG's (each needs its file among --lora, matched by name, or in the
+    LoRA folder) and the rest given."""
+    from ldm.io.lora import find_lora, lora_dir
     from ldm.settings import LoraRef
 
     given = list(given)
@@ -188,8 +200,13 @@ def lora_refs(given: list[tuple[Path, float | None]], recorded: tuple) -> tuple:
     for lora in recorded:
         match = next((g for g in given if g[0].stem == lora.name), None)
         if match is None:
-            raise ValueError(f"the PNG used LoRA '{lora.name}' (hash {lora.hash}): pass its file with --lora")
-        given.remove(match)
+            where = lora_dir(folder)
+            if where is None:
+                raise ValueError(f"the PNG used LoRA '{lora.name}' (hash {lora.hash}): pass its file with --lora "
+                                 "or its folder with --lora-dir")
+            match = (find_lora(lora.name, where), None)
+        else:
+            given.remove(match)
         path, weight = match
         ref = LoraRef.from_file(path, lora.weight if weight is None else weight)
         if lora.hash and ref.hash != lora.hash:
@@ -224,7 +241,8 @@ def settings_from_args(args: argparse.Namespace):
         prompt=args.prompt, negative_prompt=args.negative, steps=args.steps, sampler=args.sampler, karras=args.karras,
         eta=args.eta, guidance_scale=args.guidance, guidance_rescale=args.guidance_rescale, seed=args.seed,
         height=args.height, width=args.width, num_images=args.num_images, strength=getattr(args, "strength", None),
-        clip_skip=args.clip_skip, step_cache=args.step_cache, loras=lora_refs(args.lora, base.loras),
+        clip_skip=args.clip_skip, step_cache=args.step_cache, emphasis=args.emphasis,
+        loras=lora_refs(args.lora, base.loras, args.lora_dir),
         refiner_switch=args.refiner_switch, aesthetic_score=args.aesthetic_score, hires_scale=args.hires_scale,
         hires_steps=args.hires_steps, hires_denoise=args.hires_denoise, hires_upscaler=args.hires_upscaler,
         mask_blur=getattr(args, "mask_blur", None), inpaint_fill=getattr(args, "fill", None),

@@ -23,6 +23,7 @@ from ldm.fast.attention import configure_attention
 from ldm.fast.conv_paths import configure_convolutions
 from ldm.sampling.denoiser import make_denoiser
 from ldm.sampling.guidance import Conditioning, classifier_free_guidance
+from ldm.assets import prompt_embeddings, take_lora_tags
 from ldm.io.lora import loras_merged
 from ldm.io.model_files import ModelParts, load_model
 from ldm.sampling.plan import SamplingPlan, add_noise, plan_from, plan_sampling, plan_until
@@ -32,7 +33,7 @@ from ldm.inpaint_latents import AfterStep, inpaint_start, pixels_of
 from ldm.inpaint_masks import (InpaintMask, composite_arrays, crop_box, fill_masked, load_mask, outpaint_canvas,
                                prepare_mask)
 from ldm.size_conditioning import time_ids
-from ldm.text import TextEmbedding
+from ldm.text import ClipPairTextEncoder, TextEmbedding
 from ldm.fast.step_cache import StepCache
 from ldm.fast.vae_tiling import VaeTiling, decode_latents, encode_images
 
@@ -81,6 +82,10 @@ class Pipeline:
         self.vae_tiling: VaeTiling | None = None
         self.vae_slicing = False
         self.step_cache_interval: int | None = None
+        # where <lora:name:w> tags and textual-inversion words are looked up (None: $LDM_LORA_DIR,
+        # $LDM_EMBEDDINGS_DIR, else nowhere)
+        self.lora_dir: Path | None = None
+        self.embeddings_dir: Path | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -160,20 +165,24 @@ class Pipeline:
             self.parts.unet.compile()
 
     # -- shared pieces -------------------------------------------------------------------------
-    def _conditioning(self, parts: ModelParts, s: GenerationSettings) -> tuple[Conditioning, Conditioning | None]:
+    def _conditioning(self, parts: ModelParts, s: GenerationSettings, embeddings: dict[str, torch.Tensor] | None = None
+                      ) -> tuple[Conditioning, Conditioning | None]:
         """The prompt's and the negative prompt's conditioning, one row per image (prompt-major)."""
         enc = parts.text_encoder
+        # A1111's syntax for the encoders that read it (CLIP); the others get the text as written
+        syntax = {"emphasis": s.emphasis, "embeddings": embeddings} if enc.prompt_syntax else {}
         guided = s.guidance_scale > 1.0
         prompts, negatives = s.prompts, s.negative_prompts
         # SDXL base: an empty negative prompt is no prompt at all, and conditions on zeros (diffusers'
         # force_zeros_for_empty_prompt with negative_prompt=None)
         zeros = guided and parts.force_zeros_for_empty_prompt and not any(negatives)
-        chunks = max(enc.num_chunks(prompts), enc.num_chunks(negatives)) if guided and not zeros else None
-        pos = enc.encode(prompts, pad_to_chunks=chunks)
+        chunks = (max(enc.num_chunks(prompts, **syntax), enc.num_chunks(negatives, **syntax))
+                  if guided and not zeros else None)
+        pos = enc.encode(prompts, pad_to_chunks=chunks, **syntax)
         neg = None
         if guided:
             neg = (TextEmbedding(torch.zeros_like(pos.states), None if pos.pooled is None else torch.zeros_like(pos.pooled))
-                   if zeros else enc.encode(negatives, pad_to_chunks=chunks))
+                   if zeros else enc.encode(negatives, pad_to_chunks=chunks, **syntax))
         ids = time_ids(s, parts.requires_aesthetics_score) if parts.is_sdxl else None
 
         def build(emb: TextEmbedding, row: list[float] | None) -> Conditioning:
@@ -276,6 +285,7 @@ class Pipeline:
                 raise ValueError("img2img needs a strength in (0, 1]")
             # like diffusers' VaeImageProcessor: round down to the VAE factor unless a size is given
             width, height = settings.width or image.width // f * f, settings.height or image.height // f * f
+        settings = take_lora_tags(settings, self.lora_dir)
         for lora in settings.loras:
             if lora.path is None:
                 raise ValueError(f"LoRA '{lora.name}': no file given for it")
@@ -298,6 +308,16 @@ class Pipeline:
                        model_name=self.parts.name, model_hash=self.parts.hash, refiner_switch=switch,
                        refiner_name=refiner_name, refiner_hash=refiner_hash).validate(f)
 
+    def lora_targets(self) -> dict[str, torch.nn.Module]:
+        """What a LoRA file may change: the U-Net and the text encoder's transformer(s)."""
+        enc = self.parts.text_encoder
+        if isinstance(enc, ClipPairTextEncoder):  # SDXL: kohya's lora_te1_ / lora_te2_
+            targets = {"unet": self.parts.unet, "text_encoder_2": enc.second.model}
+            if enc.first is not None:
+                targets["text_encoder"] = enc.first.model
+            return targets
+        return {"unet": self.parts.unet, "text_encoder": enc.model}
+
     # -- public API ----------------------------------------------------------------------------
     def generate(self, settings: GenerationSettings, *, image: Image.Image | str | Path | None = None,
                  mask: Image.Image | str | Path | None = None, latents: torch.Tensor | None = None,
@@ -318,6 +338,7 @@ class Pipeline:
             settings = replace(settings, inpaint=True, strength=1.0 if settings.strength is None else settings.strength)
             masks = prepare_mask(load_mask(mask), image.size, blur=settings.mask_blur, invert=settings.invert_mask)
         s = self._resolve(settings, image)
+        s, embeddings = prompt_embeddings(s, self.embeddings_dir, self.parts.text_encoder)
         gen, seed = self._generator(s.seed, generator)
         original, box = image, None
         if masks is not None:
@@ -334,10 +355,11 @@ class Pipeline:
         with ExitStack() as stack:
             clip_skip = stack.enter_context(self._clip_skip(s.clip_skip))
             if s.loras:
-                stack.enter_context(loras_merged(self.parts.unet, [(lora.path, lora.weight) for lora in s.loras]))
-            out, plan, steps_run, vae = self._denoise(s, image, masks_work.hard if masks else None, latents, gen)
+                stack.enter_context(loras_merged(self.lora_targets(), [(lora.path, lora.weight) for lora in s.loras]))
+            out, plan, steps_run, vae = self._denoise(s, image, masks_work.hard if masks else None, latents, gen,
+                                                      embeddings)
             if s.hires_scale is not None:
-                out, more = self._hires_pass(s, out, gen)
+                out, more = self._hires_pass(s, out, gen, embeddings)
                 steps_run += more
         s = replace(s, seed=seed, karras=plan.karras, clip_skip=clip_skip)
         if masks is None or output_type == "latent":
@@ -349,9 +371,9 @@ class Pipeline:
         return GenerationResult(images, seed, steps_run, s)
 
     def _denoise(self, s: GenerationSettings, image: Image.Image | None, mask: Image.Image | None,
-                 latents: torch.Tensor | None, gen: torch.Generator):
+                 latents: torch.Tensor | None, gen: torch.Generator, embeddings: dict[str, torch.Tensor] | None):
         """The sampling run(s): base, and the refiner when one is loaded. Returns (latents, plan, steps, vae)."""
-        cond, uncond = self._conditioning(self.parts, s)
+        cond, uncond = self._conditioning(self.parts, s, embeddings)
         plan = plan_sampling(self.parts.schedule, s.sampler, s.steps, karras=s.karras, strength=s.strength)
         refiner_plan = None
         if self.refiner is not None:
@@ -383,7 +405,8 @@ class Pipeline:
             steps, vae = steps + refiner_plan.steps, self.refiner.vae
         return out, plan, steps, vae
 
-    def _hires_pass(self, s: GenerationSettings, latents: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    def _hires_pass(self, s: GenerationSettings, latents: torch.Tensor, gen: torch.Generator,
+                    embeddings: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, int]:
         """A1111's hires fix: upscale the first pass (its latents, or its pixels with Lanczos), then img2img
         at the larger size, as StableDiffusionImg2ImgPipeline does on that upscaled input."""
         f = self.vae_scale_factor
@@ -399,7 +422,7 @@ class Pipeline:
                           for im in self.decode(latents).permute(0, 2, 3, 1).cpu().numpy()]
                 init = torch.cat([self._encode(pixels_of(p), gen) for p in pixels])
         noise = torch.randn(init.shape, generator=gen, dtype=torch.float32).to(self.device)
-        cond, uncond = self._conditioning(self.parts, big)
+        cond, uncond = self._conditioning(self.parts, big, embeddings)
         out = self._run_sampler(self.parts, add_noise(init, noise, plan), plan, cond, uncond, big, gen)
         return out, plan.steps
 

@@ -20,11 +20,16 @@ from ldm.inpaint_masks import A1111_FILL_NAMES, FILL_MODES
 from ldm.io.png_info import format_infotext, parse_infotext
 from ldm.io.weights import file_sha256
 from ldm.sampling.plan import SAMPLER_NAMES
+from ldm.text.prompt_syntax import EMPHASIS_MODES
 
 A1111_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "euler": "Euler", "euler_ancestral": "Euler a",
                        "heun": "Heun", "dpmpp_2m": "DPM++ 2M"}
 _SAMPLERS_BY_A1111_NAME = {v: k for k, v in A1111_SAMPLER_NAMES.items()}
+A1111_EMPHASIS_NAMES = {"original": "Original", "no-norm": "No norm", "none": "None"}
+_EMPHASIS_BY_A1111_NAME = {v: k for k, v in A1111_EMPHASIS_NAMES.items()}
 _LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]+)>")
+# in a prompt A1111 also takes <lora:name> (weight 1) and <lora:name:te:unet> (two weights)
+_PROMPT_LORA_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*)*)>")
 _NOT_IN_LORA_NAMES = ":,<>\n"  # they would break the <lora:name:w> tag or the Lora hashes list
 # SDXL's size conditioning: settings field -> infotext key (ours: A1111 writes none of them)
 _XL_PAIRS = {"original_size": "Original size", "crops_coords_top_left": "Crop top left", "target_size": "Target size",
@@ -64,6 +69,32 @@ class LoraRef:
         return self
 
 
+@dataclass(frozen=True)
+class EmbeddingRef:
+    """A textual-inversion embedding a prompt used: its trigger word (the file's stem) and file hash."""
+    name: str
+    hash: str | None = None
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """The prompt without A1111's `<lora:name:weight>` tags, and the (name, weight) of each, in order.
+    The tags are cut out as A1111 does before encoding; a prompt without any comes back unchanged."""
+    tags = list(_PROMPT_LORA_TAG.finditer(prompt))
+    if not tags:
+        return prompt, []
+    found = []
+    for tag in tags:
+        weights = tag.group(2).split(":")[1:] or ["1"]
+        if len(weights) > 1:
+            raise ValueError(f"the prompt's LoRA tag {tag.group(0)}: separate text-encoder and U-Net weights are "
+                             "not supported; give one weight")
+        try:
+            found.append((tag.group(1).strip(), float(weights[0])))
+        except ValueError:
+            raise ValueError(f"the prompt's LoRA tag {tag.group(0)} has no numeric weight") from None
+    return _PROMPT_LORA_TAG.sub("", prompt).strip(), found
+
+
 def _lora_weight(tag: re.Match) -> float:
     try:
         return float(tag.group(2))
@@ -91,6 +122,15 @@ def _take_lora_tags(prompt: str, hashes: dict[str, str | None]) -> tuple[str, tu
         raise ValueError(f"the PNG's Lora hashes name {', '.join(sorted(missing))} but its prompt has no such "
                          "<lora:name:weight> tag")
     return prompt, loras
+
+
+def _hash_list(text: str) -> dict[str, str | None]:
+    """`name: hash, name: hash` (A1111's Lora hashes and TI hashes) as {name: hash or None}."""
+    hashes = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, digest = item.partition(":")
+        hashes[name.strip()] = digest.strip() or None
+    return hashes
 
 
 def _number(x: float) -> str:
@@ -127,6 +167,8 @@ class GenerationSettings:
     num_images: int = 1  # per prompt
     loras: tuple[LoraRef, ...] = ()
     clip_skip: int | None = None  # diffusers' count: 1 = penultimate layer; None: as loaded
+    emphasis: str = "original"  # A1111's prompt-syntax weighting: original, no-norm, or none (text as written)
+    embeddings: tuple[EmbeddingRef, ...] = ()  # filled in by the pipeline: the ones the prompts used
     step_cache: int | None = None  # DeepCache interval (changes the output); None: the pipeline's
     model_name: str | None = None
     model_hash: str | None = None
@@ -204,6 +246,8 @@ class GenerationSettings:
             raise ValueError(f"number of images must be >= 1, got {self.num_images!r}")
         if self.clip_skip is not None and (not _is_int(self.clip_skip) or self.clip_skip < 0):
             raise ValueError(f"clip skip must be an integer >= 0 (1 = penultimate layer), got {self.clip_skip!r}")
+        if self.emphasis not in EMPHASIS_MODES:
+            raise ValueError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}, got {self.emphasis!r}")
         if self.step_cache is not None and (not _is_int(self.step_cache) or self.step_cache < 1):
             raise ValueError(f"step cache interval must be an integer >= 1, got {self.step_cache!r}")
         if len({lora.name for lora in self.loras}) != len(self.loras):
@@ -269,6 +313,10 @@ class GenerationSettings:
             fields["CFG Rescale phi"] = _number(self.guidance_rescale)
         if self.step_cache is not None:
             fields["Step cache"] = str(self.step_cache)
+        if self.emphasis != "original":
+            fields["Emphasis"] = A1111_EMPHASIS_NAMES[self.emphasis]
+        if self.embeddings:
+            fields["TI hashes"] = ", ".join(f"{e.name}: {e.hash or ''}" for e in self.embeddings)
         if self.num_images > 1:
             fields["Batch size"] = str(self.num_images)
             fields["Batch pos"] = str(self.batch_pos or 0)
@@ -330,11 +378,11 @@ class GenerationSettings:
         width = height = None
         if "Size" in fields:
             width, height = get("Size", _size)
-        hashes = {}
-        for item in filter(None, (part.strip() for part in fields.get("Lora hashes", "").split(","))):
-            name, _, digest = item.partition(":")
-            hashes[name.strip()] = digest.strip() or None
-        prompt, loras = _take_lora_tags(prompt, hashes)
+        prompt, loras = _take_lora_tags(prompt, _hash_list(fields.get("Lora hashes", "")))
+        embeddings = tuple(EmbeddingRef(name, digest) for name, digest in _hash_list(fields.get("TI hashes", "")).items())
+        emphasis = fields.get("Emphasis", "Original")
+        if emphasis not in _EMPHASIS_BY_A1111_NAME:
+            raise ValueError(f"the PNG's emphasis '{emphasis}' is not one ldm has ({', '.join(_EMPHASIS_BY_A1111_NAME)})")
         clip_skip = get("Clip skip", int)
         batch = get("Batch size", int, 1)
         xl = {name: get(key, lambda text: _size(text)[::-1]) for name, key in _XL_PAIRS.items() if key in fields}
@@ -356,6 +404,7 @@ class GenerationSettings:
             guidance_scale=get("CFG scale", float, 7.0), guidance_rescale=get("CFG Rescale phi", float, 0.0),
             eta=get("Eta DDIM", float, 0.0), seed=get("Seed", int), strength=None if hires else strength,
             num_images=batch, loras=tuple(loras), clip_skip=None if clip_skip is None else clip_skip - 1,
+            emphasis=_EMPHASIS_BY_A1111_NAME[emphasis], embeddings=embeddings,
             step_cache=get("Step cache", int), model_name=fields.get("Model"), model_hash=fields.get("Model hash"),
             batch_pos=get("Batch pos", int) if batch > 1 else None, **xl,
             aesthetic_score=get("Aesthetic score", float, 6.0),
@@ -372,6 +421,7 @@ class GenerationSettings:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["loras"] = [{**asdict(lora), "path": str(lora.path) if lora.path else None} for lora in self.loras]
+        d["embeddings"] = [asdict(e) for e in self.embeddings]
         return d
 
     def override(self, **changes) -> GenerationSettings:

@@ -7,14 +7,15 @@ from PIL import Image
 
 from ldm.cli import main
 from ldm.io.png_info import parse_infotext, read_parameters
-from ldm.settings import GenerationSettings, LoraRef
+from ldm.settings import EmbeddingRef, GenerationSettings, LoraRef
 from tiny import write_tiny_lora, write_tiny_sd_folder
 
 FULL = GenerationSettings(
     prompt="a red, circle: on grey", negative_prompt="blurry\nsecond line", width=48, height=32, steps=7,
     sampler="ddim", karras=True, guidance_scale=6.25, guidance_rescale=0.7, eta=0.3, seed=123456789012,
     strength=0.55, num_images=3, loras=(LoraRef("style", 0.8, None, "abcdef012345"), LoraRef("b", -0.5, None, "999")),
-    clip_skip=1, step_cache=2, model_name="my, model", model_hash="0123456789", batch_pos=2)
+    clip_skip=1, step_cache=2, model_name="my, model", model_hash="0123456789", batch_pos=2, emphasis="no-norm",
+    embeddings=(EmbeddingRef("easynegative", "c74b4e810b03"), EmbeddingRef("style-v2", "0123abcd4567")))
 
 
 def test_every_field_survives_the_infotext():
@@ -31,6 +32,7 @@ def test_infotext_uses_a1111_names_and_counts():
     assert fields["Denoising strength"] == "0.55" and fields["Eta DDIM"] == "0.3" and fields["Size"] == "48x32"
     assert fields["Lora hashes"] == "style: abcdef012345, b: 999" and fields["Model"] == "my, model"
     assert fields["Batch size"] == "3" and fields["Batch pos"] == "2"
+    assert fields["Emphasis"] == "No norm" and fields["TI hashes"] == "easynegative: c74b4e810b03, style-v2: 0123abcd4567"
 
 
 def test_reads_what_a1111_writes():

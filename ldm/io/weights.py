@@ -122,3 +122,14 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def folder_option(given: Path | str | None, env_var: str, what: str) -> Path | None:
+    """A folder option: the one given, else the environment variable's, else None; it must exist."""
+    folder = given if given is not None else os.environ.get(env_var) or None
+    if folder is None:
+        return None
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: the {what} folder does not exist")
+    return folder

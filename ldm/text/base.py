@@ -30,6 +30,9 @@ class TextEncoder(ABC):
 
     kind: ClassVar[str]
     clip_skip: int | None = None  # only CLIP encoders can skip layers (ClipTextEncoder.set_clip_skip)
+    # whether encode() takes emphasis= and embeddings= (A1111's prompt syntax, textual inversion);
+    # the other families encode the text as written
+    prompt_syntax: ClassVar[bool] = False
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         model.eval()
@@ -77,6 +80,10 @@ class TextEncoder(ABC):
             f"text_encoder{suffix}": ["transformers", type(self.model).__name__],
             f"tokenizer{suffix}": ["transformers", type(self.tokenizer).__name__],
         }
+
+    def embedding_vectors(self, embedding):
+        """A textual-inversion embedding's vectors as this encoder's `encode(embeddings=...)` takes them."""
+        return embedding.for_encoder()
 
     @property
     def pooled_size(self) -> int | None:

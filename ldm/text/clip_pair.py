@@ -11,6 +11,7 @@ Long prompts are chunked by each encoder alike (A1111 style), so both give the s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -20,6 +21,7 @@ from ldm.text.clip import ClipTextEncoder
 
 class ClipPairTextEncoder(TextEncoder):
     kind = "clip_pair"
+    prompt_syntax = True  # A1111's syntax, read by each CLIP encoder alike
 
     def __init__(self, first: ClipTextEncoder | None, second: ClipTextEncoder) -> None:
         # no TextEncoder.__init__: the pair has two models, each already frozen by its own encoder
@@ -82,14 +84,30 @@ class ClipPairTextEncoder(TextEncoder):
                  else {"text_encoder": [None, None], "tokenizer": [None, None]})
         return {**first, **self.second.model_index_entries("_2")}
 
-    def num_chunks(self, prompts: list[str]) -> int:
+    def embedding_vectors(self, embedding) -> dict[str, torch.Tensor]:
+        """SDXL embeddings carry a set of vectors per encoder: clip_l for CLIP-L, clip_g for bigG."""
+        keys = ["clip_l", "clip_g"] if self.first is not None else ["clip_g"]
+        return {key: embedding.for_encoder(key) for key in keys}
+
+    def _per_encoder(self, embeddings: Mapping[str, dict[str, torch.Tensor]] | None) -> list[dict | None]:
+        if not embeddings:
+            return [None] * len(self.encoders)
+        keys = ["clip_l", "clip_g"] if self.first is not None else ["clip_g"]
+        return [{word: vectors[key] for word, vectors in embeddings.items()} for key in keys]
+
+    def num_chunks(self, prompts: list[str], *, emphasis: str = "none",
+                   embeddings: Mapping[str, dict[str, torch.Tensor]] | None = None) -> int:
         check_prompts(prompts)
-        return max(enc.num_chunks(prompts) for enc in self.encoders)
+        return max(enc.num_chunks(prompts, emphasis=emphasis, embeddings=table)
+                   for enc, table in zip(self.encoders, self._per_encoder(embeddings)))
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], *, pad_to_chunks: int | None = None) -> TextEmbedding:
-        k = self.num_chunks(prompts) if pad_to_chunks is None else pad_to_chunks
-        outs = [enc.encode(prompts, pad_to_chunks=k) for enc in self.encoders]
+    def encode(self, prompts: list[str], *, pad_to_chunks: int | None = None, emphasis: str = "none",
+               embeddings: Mapping[str, dict[str, torch.Tensor]] | None = None) -> TextEmbedding:
+        """Both encoders' states side by side; prompt syntax and embeddings as ClipTextEncoder.encode reads them."""
+        k = self.num_chunks(prompts, emphasis=emphasis, embeddings=embeddings) if pad_to_chunks is None else pad_to_chunks
+        outs = [enc.encode(prompts, pad_to_chunks=k, emphasis=emphasis, embeddings=table)
+                for enc, table in zip(self.encoders, self._per_encoder(embeddings))]
         device = outs[-1].states.device
         states = torch.cat([o.states.to(device) for o in outs], dim=-1)
         return TextEmbedding(states=states, pooled=outs[-1].pooled)

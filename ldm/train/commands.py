@@ -36,6 +36,8 @@ def add_finetune_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="images + .txt captions, metadata.jsonl or metadata.csv")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the whole U-Net")
     p.add_argument("--rank", type=int, help="LoRA rank (default 4)")
+    p.add_argument("--lora-format", choices=["diffusers", "kohya"],
+                   help="key layout of the saved LoRA: diffusers (default) or kohya, with its ss_* metadata")
     p.add_argument("--learning-rate", type=float, help="default 1e-5, or 1e-4 with --lora")
     p.add_argument("--batch-size", type=int, help="per process (default 4)")
     p.add_argument("--resolution", type=int, help="default: the model's own resolution")
@@ -74,7 +76,7 @@ def finetune_config(args: argparse.Namespace) -> dict[str, Any]:
         "optim": {"learning_rate": 1e-4 if args.lora else 1e-5},
     }
     given: dict[str, Any] = {"init_from": args.model, "data": {"path": args.data}, "lora": {"enabled": bool(args.lora)}}
-    flags = (("lora", "rank", args.rank), ("train", "batch_size", args.batch_size),
+    flags = (("lora", "rank", args.rank), ("lora", "format", args.lora_format), ("train", "batch_size", args.batch_size),
              ("data", "resolution", args.resolution), ("optim", "learning_rate", args.learning_rate))
     for section, key, value in flags:
         if value is not None:

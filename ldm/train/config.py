@@ -121,6 +121,9 @@ class TextEncoderConfig:
             raise ValueError(f"text_encoder.kind must be one of {', '.join(TRAINABLE_TEXT_ENCODERS)}, got {self.kind!r}")
 
 
+LORA_FORMATS = ("diffusers", "kohya")
+
+
 @dataclass
 class LoraConfig:
     enabled: bool = False
@@ -128,9 +131,12 @@ class LoraConfig:
     alpha: float | None = None  # None: alpha = rank (scale 1)
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    format: str = "diffusers"  # the saved file's key layout: diffusers (peft keys) or kohya (A1111, ComfyUI)
 
     def __post_init__(self) -> None:
         _positive("lora.rank", self.rank)
+        if self.format not in LORA_FORMATS:
+            raise ValueError(f"lora.format must be one of {', '.join(LORA_FORMATS)}, got {self.format!r}")
 
 
 @dataclass

@@ -46,6 +46,8 @@ def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_lora(unet: nn.Module, path: Path, cfg: LoraConfig) -> Path:
+    if cfg.format == "kohya":
+        return save_kohya_lora(unet, path, cfg)
     state = {PREFIX + k: v for k, v in lora_state_dict(unet).items()}
     alpha = lora_alpha(cfg)
     diffusers_meta = {f"unet.{k}": v for k, v in {"r": cfg.rank, "lora_alpha": alpha, "lora_dropout": cfg.dropout,
@@ -64,3 +66,36 @@ def merged_unet(peft_unet: UNet, lora_file: Path) -> UNet:
     unet.load_state_dict(base, strict=True)
     apply_lora(unet, lora_file, 1.0)
     return unet.eval().requires_grad_(False)
+
+
+def kohya_state_dict(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """peft's `<module>.lora_A.weight` / `.lora_B.weight` as kohya's `lora_unet_<module_>.lora_down.weight`
+    / `.lora_up.weight`, with an `.alpha` per module."""
+    sides = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in peft_state.items():
+        module, part = key.rsplit(".", 2)[0], ".".join(key.rsplit(".", 2)[1:])
+        name = "lora_unet_" + module.replace(".", "_")
+        out[f"{name}.{sides[part]}"] = value.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def save_kohya_lora(unet: UNet, path: Path, cfg: LoraConfig) -> Path:
+    """The adapters in kohya's layout, with the `ss_*` metadata kohya's sd-scripts write (A1111 and
+    ComfyUI read the layout; their UIs show the metadata)."""
+    alpha = lora_alpha(cfg)
+    # SD2's U-Nets cross-attend to 1024-wide OpenCLIP states, SD1's to 768 (smaller: our own models)
+    version = "sd_v2" if unet.config.cross_attention_dim >= 1024 else "sd_v1"
+    metadata = {
+        "ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank), "ss_network_alpha": _num(alpha),
+        "ss_base_model_version": version, "ss_v2": str(version == "sd_v2"), "ss_network_args": "{}",
+        "ss_output_name": Path(path).stem, "ss_training_comment": "ldm finetune",
+        OUR_METADATA: json.dumps({"rank": cfg.rank, "alpha": alpha, "target_modules": list(cfg.target_modules)}),
+    }
+    write_safetensors(path, kohya_state_dict(lora_state_dict(unet), alpha), metadata=metadata)
+    return Path(path)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
