@@ -16,7 +16,7 @@ from ldm.io.weights import CheckpointError, read_safetensors, read_weights, writ
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.unet import UNet
 from ldm.sampling.schedule import NoiseSchedule
-from ldm.text import load_text_encoder_from_folder
+from ldm.text import load_text_encoder_from_folder, names_component
 
 __all__ = ["ModelParts", "short_hash", "load_model", "load_diffusers_folder", "save_diffusers_folder",
            "load_single_file", "save_single_file", "SINGLE_FILE_SUFFIXES"]
@@ -66,14 +66,9 @@ def load_diffusers_folder(root: Path, *, allow_pickle: bool = False, clip_skip: 
             raise CheckpointError(f"{root / 'model_index.json'}: requires_aesthetics_score is "
                                   f"{index['requires_aesthetics_score']} but the U-Net takes "
                                   f"{'5' if aesthetic else '6'} size ids")
-    elif _named(index, "text_encoder_2"):
+    elif names_component(index, "text_encoder_2"):
         raise CheckpointError(f"{root}: two text encoders but a U-Net without SDXL's added embedding")
     return parts
-
-
-def _named(index: dict, key: str) -> bool:
-    entry = index.get(key)
-    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
 
 
 def save_diffusers_folder(parts: ModelParts, out: Path) -> Path:

@@ -21,7 +21,7 @@ __all__ = [
     "TextEmbedding", "TextEncoder", "ClipTextEncoder", "ClipPairTextEncoder", "T5TextEncoder", "BertTextEncoder", "OpenClipTextEncoder",
     "OPENCLIP_MISSING", "FOLDER_TEXT_ENCODERS", "TEXT_ENCODER_KINDS", "load_text_encoder",
     "load_text_encoder_from_folder", "load_minilm", "load_openclip", "load_clip", "load_t5", "load_bert",
-    "minilm_path",
+    "minilm_path", "names_component",
 ]
 
 Loader = Callable[..., TextEncoder]
@@ -51,9 +51,9 @@ def load_text_encoder_from_folder(root: Path, model_index: dict[str, Any], *, cl
     packaged = root / "text_encoder" / PACKAGED_MARKER
     if packaged.is_file():
         return _load_packaged(packaged, dtype)
-    if _named(model_index, "text_encoder_2"):  # SDXL: CLIP-L + bigG (base), or bigG alone (refiner)
+    if names_component(model_index, "text_encoder_2"):  # SDXL: CLIP-L + bigG (base), or bigG alone (refiner)
         first = None
-        if _named(model_index, "text_encoder"):
+        if names_component(model_index, "text_encoder"):
             first = _load_folder_encoder(root, model_index, "", clip_skip, dtype, penultimate=True)
         second = _load_folder_encoder(root, model_index, "_2", clip_skip, dtype, penultimate=True)
         if not isinstance(second, ClipTextEncoder) or (first is not None and not isinstance(first, ClipTextEncoder)):
@@ -62,7 +62,8 @@ def load_text_encoder_from_folder(root: Path, model_index: dict[str, Any], *, cl
     return _load_folder_encoder(root, model_index, "", clip_skip, dtype)
 
 
-def _named(model_index: dict[str, Any], key: str) -> bool:
+def names_component(model_index: dict[str, Any], key: str) -> bool:
+    """Whether a diffusers model_index.json names a component under `key` (not [null, null])."""
     entry = model_index.get(key)
     return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
 
@@ -70,9 +71,9 @@ def _named(model_index: dict[str, Any], key: str) -> bool:
 def _load_folder_encoder(root: Path, model_index: dict[str, Any], suffix: str, clip_skip: int | None,
                          dtype: torch.dtype | None, penultimate: bool = False) -> TextEncoder:
     name, tok = f"text_encoder{suffix}", f"tokenizer{suffix}"
-    if not _named(model_index, name):
+    if not names_component(model_index, name):
         raise ValueError(f"{root / 'model_index.json'} names no {name} (got {model_index.get(name)!r})")
-    if not _named(model_index, tok):
+    if not names_component(model_index, tok):
         raise ValueError(f"{root / 'model_index.json'} names no {tok} for its {name}")
     class_name = model_index[name][1]
     if class_name not in FOLDER_TEXT_ENCODERS:
